@@ -1,0 +1,177 @@
+"""Routers: from a prompt (and the noise level) to expert probabilities.
+
+Three sources, one output shape (a probability vector over the file's experts):
+- rule-based: instrument keywords in the prompt, shared equally among the instruments found;
+- learned: the file's small MLP over the rule logits and t, so it starts from the teacher and may deviate;
+- manual: gates fixed by hand (Gate Override), which win over both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal, Sequence
+
+import torch
+
+from .vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_FALLBACK, detect_instruments, keywords_for
+
+RouterMode = Literal["rule", "learned", "manual"]
+UncondPolicy = Literal["same", "off"]
+
+#: Floor of the rule probabilities before taking logs, so absent instruments get a finite logit.
+RULE_LOGIT_FLOOR = 1e-3
+
+
+class RoutingError(ValueError):
+    """A prompt or gate setting that cannot be routed (empty prompt, unknown expert, all-zero gates)."""
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the Router / Gate Override nodes hand to Load LoRA-MoE.
+
+    `weights` maps expert names to the rule teacher's probabilities (rule, learned) or to the fixed gates
+    (manual). Names, not indices, so a routing built without the file is checked against the file's
+    experts when the model is patched.
+    """
+
+    mode: RouterMode
+    weights: dict[str, float]
+    top_k: int = 2
+    temperature: float = 1.0
+    detected: tuple[str, ...] = ()
+    prompt: str = ""
+    uncond: UncondPolicy = "same"
+    note: str = field(default="", compare=False)
+
+    def with_uncond(self, uncond: UncondPolicy) -> "Routing":
+        return replace(self, uncond=uncond)
+
+    def describe(self) -> str:
+        """One human-readable line: what was detected and the resulting gates."""
+        gates = ", ".join(f"{k} {v:.2f}" for k, v in self.weights.items() if v > 0)
+        found = ", ".join(self.detected) if self.detected else "none"
+        extra = f" ({self.note})" if self.note else ""
+        return f"[{self.mode}] instruments: {found}{extra} -> gates: {gates or 'all off'}"
+
+
+def rule_route(prompt: str, expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES, *,
+               keywords: dict[str, list[str]] | None = None, fallback: str = DEFAULT_FALLBACK,
+               top_k: int = 2, temperature: float = 1.0, mode: RouterMode = "rule") -> Routing:
+    """Route a prompt by instrument keywords.
+
+    Several instruments in one prompt share the mass equally. A prompt naming no instrument goes to
+    `fallback`: an expert name (default "Other", the catch-all family), "off" (experts off, base LoRA only),
+    or "error".
+    """
+    if prompt is None or not prompt.strip():
+        raise RoutingError("the prompt is empty: the router needs the text that names the instrument")
+    _check_topk_temperature(top_k, temperature, len(expert_names))
+    kw = keywords_for(list(expert_names), keywords)
+    found = detect_instruments(prompt, kw)
+    note = ""
+    if found:
+        weights = {n: (1.0 / len(found) if n in found else 0.0) for n in expert_names}
+    elif fallback == "off":
+        weights = {n: 0.0 for n in expert_names}
+        note = "no instrument keyword: experts off"
+    elif fallback == "error":
+        raise RoutingError(
+            f"no instrument keyword in the prompt {prompt!r}; known instruments: "
+            + "; ".join(f"{n}: {', '.join(k[:4])}" for n, k in kw.items()))
+    elif fallback in expert_names:
+        weights = {n: (1.0 if n == fallback else 0.0) for n in expert_names}
+        note = f"no instrument keyword: fallback to {fallback}"
+    else:
+        raise RoutingError(f"fallback {fallback!r} is not an expert name nor 'off'/'error'; experts: "
+                           f"{list(expert_names)}")
+    return Routing(mode=mode, weights=weights, top_k=top_k, temperature=temperature,
+                   detected=tuple(found), prompt=prompt, note=note)
+
+
+def manual_route(weights: dict[str, float], *, base: Routing | None = None) -> Routing:
+    """Fixed gates, normalised to sum 1. Negative or all-zero weights are refused."""
+    bad = {k: v for k, v in weights.items() if not math.isfinite(v) or v < 0}
+    if bad:
+        raise RoutingError(f"gate weights must be finite and >= 0, got {bad}")
+    total = sum(weights.values())
+    if total <= 0:
+        raise RoutingError("all gate weights are zero: set at least one expert above 0")
+    norm = {k: v / total for k, v in weights.items()}
+    detected = tuple(k for k, v in norm.items() if v > 0)
+    if base is None:
+        return Routing(mode="manual", weights=norm, top_k=len(norm), detected=detected)
+    return replace(base, mode="manual", weights=norm, top_k=len(norm), detected=detected,
+                   note="gates overridden by hand")
+
+
+def _check_topk_temperature(top_k: int, temperature: float, n: int) -> None:
+    if not 1 <= int(top_k) <= n:
+        raise RoutingError(f"top_k must be between 1 and the number of experts ({n}), got {top_k}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise RoutingError(f"temperature must be > 0, got {temperature}")
+
+
+def rule_logits(probs: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax is (about) the rule teacher's distribution; the learned router's input."""
+    return torch.log(probs.clamp_min(RULE_LOGIT_FLOOR))
+
+
+class LearnedRouter(torch.nn.Module):
+    """The 64-hidden MLP over [rule logits, t] trained toward the rule teacher (stage 2)."""
+
+    def __init__(self, num_experts: int, hidden: int = 64):
+        super().__init__()
+        self.num_experts = num_experts
+        self.fc1 = torch.nn.Linear(num_experts + 1, hidden)
+        self.fc2 = torch.nn.Linear(hidden, num_experts)
+
+    def forward(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Expert logits for rule logits [B, N] at noise level t [B]."""
+        h = torch.cat([logits, t.reshape(-1, 1).to(logits.dtype)], dim=-1)
+        return self.fc2(torch.nn.functional.silu(self.fc1(h)))
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "LearnedRouter":
+        hidden, inp = sd["fc1.weight"].shape
+        router = cls(inp - 1, hidden)
+        router.load_state_dict({k: v.float() for k, v in sd.items()})
+        return router.eval().requires_grad_(False)
+
+
+def topk_renormalise(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest gates of each row and rescale them to sum 1 (rows of zeros stay zero)."""
+    if k >= probs.shape[-1]:
+        return probs
+    vals, idx = probs.topk(k, dim=-1)
+    out = torch.zeros_like(probs).scatter(-1, idx, vals)
+    total = out.sum(-1, keepdim=True)
+    return torch.where(total > 0, out / total.clamp_min(1e-12), out)
+
+
+def expert_vector(routing: Routing, expert_names: Sequence[str]) -> torch.Tensor:
+    """The routing's weights in the file's expert order; a name the file lacks is an error."""
+    unknown = [k for k, v in routing.weights.items() if k not in expert_names and v > 0]
+    if unknown:
+        raise RoutingError(f"routing names experts {unknown} that this LoRA-MoE file does not have; "
+                           f"its experts are {list(expert_names)}")
+    return torch.tensor([float(routing.weights.get(n, 0.0)) for n in expert_names], dtype=torch.float32)
+
+
+def raw_gates(routing: Routing, expert_names: Sequence[str], sigma: float,
+              router: LearnedRouter | None) -> torch.Tensor:
+    """Gates of one step before EMA and band: softmax / MLP / manual, then top-k."""
+    w = expert_vector(routing, expert_names)
+    if routing.mode == "manual":
+        return w
+    if float(w.sum()) == 0.0:  # rule fallback "off": experts stay off whatever the router says
+        return w
+    logits = rule_logits(w)
+    if routing.mode == "learned":
+        if router is None:
+            raise RoutingError("router mode 'learned' but this LoRA-MoE file holds no learned router "
+                               "for the selected adapter set; use the rule-based router")
+        with torch.no_grad():
+            logits = router(logits[None], torch.tensor([sigma]))[0]
+    probs = torch.softmax(logits / routing.temperature, dim=-1)
+    return topk_renormalise(probs, routing.top_k)
