@@ -26,7 +26,7 @@ def default_targets(num_layers: int, last_blocks: int = 8, ffn_blocks: int = 3, 
     return out
 
 
-def linear_shape(module: str, dim: int, ffn_dim: int, text_dim: int = 4096) -> tuple[int, int]:
+def linear_shape(module: str, dim: int, ffn_dim: int) -> tuple[int, int]:
     """(in, out) of a WAN block Linear; cross-attention k/v read the text context, already projected to dim."""
     if module.endswith("ffn.0"):
         return dim, ffn_dim
