@@ -122,20 +122,53 @@ def test_a14b_split_with_two_adapter_sets(tiny_wan_state_dict, wan_contexts, tmp
     assert ours.shape == lat_ref.shape and torch.isfinite(ours).all()
 
 
-def test_fp8_weights(tiny_wan_state_dict, wan_contexts, wan_sample, tmp_path):
-    fp8 = wf.load_tiny_wan(tiny_wan_state_dict(), dtype=torch.float8_e4m3fn)
-    assert fp8.model.diffusion_model.blocks[9].self_attn.q.weight.dtype == torch.float8_e4m3fn
-    # oracle: the same (fp8-rounded) weights in float32, patched by ComfyUI's loader
-    deq = {k: v.float() for k, v in fp8.model.diffusion_model.state_dict().items()}
-    ref_model = wf.load_tiny_wan(deq)
+def _scaled_fp8_state_dict(sd: dict) -> dict:
+    """Block Linear weights stored as fp8 with a per-layer `scale_weight`, as scaled-fp8 WAN files are."""
+    out = {"scaled_fp8": torch.tensor([], dtype=torch.float8_e4m3fn)}
+    for k, v in sd.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2:
+            scale = v.abs().max() / 448.0
+            out[k] = (v / scale).to(torch.float8_e4m3fn)
+            out[k[: -len("weight")] + "scale_weight"] = scale.float().reshape(())
+        else:
+            out[k] = v
+    return out
+
+
+def _dequantized(model) -> dict:
+    """The weights a model actually computes with, in float32 (the oracle's weights)."""
+    out = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if pname in ("scale_weight", "scale_input"):
+                continue
+            v = p.detach().float()
+            if pname == "weight" and getattr(module, "scale_weight", None) is not None:
+                v = v * module.scale_weight.float()
+            out[f"{name}.{pname}" if name else pname] = v
+    return out
+
+
+@pytest.mark.parametrize("kind", ["fp8", "scaled_fp8"])
+def test_fp8_weights(kind, tiny_wan_state_dict, wan_contexts, wan_sample, tmp_path):
+    if kind == "fp8":
+        model = wf.load_tiny_wan(tiny_wan_state_dict(), dtype=torch.float8_e4m3fn)
+    else:
+        model = wf.load_tiny_wan(_scaled_fp8_state_dict(tiny_wan_state_dict()))
+        assert model.model.diffusion_model.blocks[9].self_attn.q.scale_weight.item() != 1.0
+    assert model.model.diffusion_model.blocks[9].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    # oracle: the same (fp8-rounded, rescaled) weights in float32, patched by ComfyUI's loader
+    ref_model = wf.load_tiny_wan(_dequantized(model))
     moe = random_moe(seed=4)
     parts = set_parts(moe)
-    ours = wan_sample(apply_lora_moe(fp8, moe, band=ALWAYS_ON, routing=manual_route({"Other": 1.0})),
+    ours = wan_sample(apply_lora_moe(model, moe, band=ALWAYS_ON, routing=manual_route({"Other": 1.0})),
                       *wan_contexts, seed=9)
     ref = wan_sample(comfy_lora_reference(ref_model, [(parts["base"], 0.7), (parts["Other"], 1.0)], tmp_path),
                      *wan_contexts, seed=9)
+    plain = wan_sample(ref_model, *wan_contexts, seed=9)
+    assert (ref - plain).abs().max() > 1e-2
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
-    assert fp8.model.diffusion_model.blocks[9].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    assert model.model.diffusion_model.blocks[9].self_attn.q.weight.dtype == torch.float8_e4m3fn
 
 
 def test_stacks_with_a_core_lora_and_model_sampling_sd3(tiny_wan, wan_contexts, wan_sample, tmp_path):
