@@ -1,0 +1,128 @@
+"""A tiny but real WAN 2.x diffusion model, loaded and sampled through ComfyUI's own code.
+
+Used by the tests (through ``conftest.py``) and reusable from scripts and ``bench/``::
+
+    sys.path.insert(0, "<repo>/tests")
+    import wan_fixtures as wf
+    model = wf.load_tiny_wan(wf.tiny_wan_state_dict())
+    latent = wf.sample(model, wf.make_context(1), wf.make_context(2), seed=0)
+
+The model is ``comfy.ldm.wan.model.WanModel`` with the real WAN key layout (so ComfyUI detects it as
+``WAN21`` and LoRA key conversion works as for the A14B DiTs), only narrow and shallow: dim 128
+(one head, because ComfyUI derives ``heads = dim // 128``), ffn 256, 10 blocks, ~2.7M parameters.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from moe_core.comfy_runtime import ensure_comfy  # noqa: E402
+
+ensure_comfy()  # no-op when conftest.py (cpu=True) or ComfyUI already did it
+
+import torch  # noqa: E402
+
+import comfy.ldm.wan.model  # noqa: E402
+import comfy.ops  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.sd  # noqa: E402
+
+TEXT_DIM = 4096  # fixed by ComfyUI's WAN detection
+LATENT_CHANNELS = 16
+DEFAULT_LATENT_SHAPE = (1, LATENT_CHANNELS, 3, 8, 8)  # [batch, channels, frames, height, width]
+
+
+def build_tiny_wan(seed: int = 0, num_layers: int = 10, dim: int = 128, ffn_dim: int = 256) -> torch.nn.Module:
+    """A ``WanModel`` (t2v) with deterministic hand-made weights, in float32 on the CPU.
+
+    ``comfy.ops.disable_weight_init`` layers skip PyTorch's init (their parameters are uninitialised
+    memory), so every parameter is set here from one seeded generator, in ``named_parameters`` order:
+    linear/conv weights ~ N(0, 0.02), biases 0, norm weights 1, ``modulation`` ~ N(0, 0.1).
+    """
+    model = comfy.ldm.wan.model.WanModel(
+        model_type="t2v", patch_size=(1, 2, 2), in_dim=LATENT_CHANNELS, dim=dim, ffn_dim=ffn_dim,
+        freq_dim=256, text_dim=TEXT_DIM, out_dim=LATENT_CHANNELS, num_heads=max(1, dim // 128),
+        num_layers=num_layers, operations=comfy.ops.disable_weight_init,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            is_norm = isinstance(module, norm_types) or type(module).__name__.endswith("RMSNorm")
+            for name, param in module.named_parameters(recurse=False):
+                if name == "modulation":
+                    values = torch.randn(param.shape, generator=generator) * 0.1
+                elif name == "bias":
+                    values = torch.zeros(param.shape)
+                elif is_norm:
+                    values = torch.ones(param.shape)
+                else:
+                    values = torch.randn(param.shape, generator=generator) * 0.02
+                param.copy_(values.to(param.dtype))
+    return model.eval()
+
+
+def tiny_wan_state_dict(seed: int = 0, num_layers: int = 10, dim: int = 128, ffn_dim: int = 256
+                        ) -> dict[str, torch.Tensor]:
+    """The state dict of :func:`build_tiny_wan`: un-prefixed keys, as in a WAN DiT ``.safetensors`` file."""
+    return {k: v.detach().clone() for k, v in build_tiny_wan(seed, num_layers, dim, ffn_dim).state_dict().items()}
+
+
+def load_tiny_wan(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None, **model_options):
+    """Load a WAN state dict exactly as ComfyUI's UNETLoader does; returns a ``comfy.model_patcher.ModelPatcher``.
+
+    ``comfy.sd.load_diffusion_model_state_dict`` *pops every key* from the dict it is given, so it gets a
+    shallow copy here and ``sd`` stays usable. ``dtype`` (e.g. ``torch.float8_e4m3fn``) sets the weight
+    dtype; ``None`` lets ComfyUI choose (float32 on the CPU).
+    """
+    options = dict(model_options)
+    if dtype is not None:
+        options["dtype"] = dtype
+    model = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=options)
+    if model is None:
+        raise RuntimeError("ComfyUI did not recognise the state dict as a diffusion model")
+    return model
+
+
+def make_context(seed: int, tokens: int = 8, batch: int = 1) -> torch.Tensor:
+    """A stand-in for UMT5 text embeddings: ``[batch, tokens, 4096]`` floats from a seeded generator."""
+    return torch.randn((batch, tokens, TEXT_DIM), generator=torch.Generator().manual_seed(seed))
+
+
+def conditioning(context, extra: dict | None = None) -> list:
+    """ComfyUI's CONDITIONING format, ``[[tensor, {options}]]``; a list is returned unchanged."""
+    if isinstance(context, list):
+        return context
+    return [[context, dict(extra or {})]]
+
+
+def sample(model, positive, negative, seed: int, steps: int = 4, cfg: float = 4.0, sampler: str = "euler",
+           scheduler: str = "simple", latent_shape: Sequence[int] = DEFAULT_LATENT_SHAPE,
+           latent: torch.Tensor | None = None, denoise: float = 1.0, add_noise: bool = True,
+           start_step: int | None = None, last_step: int | None = None, force_full_denoise: bool = False,
+           callback=None) -> torch.Tensor:
+    """Run ComfyUI's real sampler (what the KSampler / KSamplerAdvanced nodes run) and return the latent.
+
+    ``positive``/``negative`` are context tensors ``[B, T, 4096]`` or ready CONDITIONING lists. The empty
+    latent defaults to zeros of ``latent_shape`` (what EmptyHunyuanLatentVideo gives), noise comes from
+    ``comfy.sample.prepare_noise(latent, seed)``. ``add_noise=False``, ``start_step``/``last_step`` and
+    ``force_full_denoise`` mirror KSamplerAdvanced (``force_full_denoise=False`` = "return with leftover
+    noise").
+    """
+    if latent is None:
+        latent = torch.zeros(tuple(latent_shape))
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    if add_noise:
+        noise = comfy.sample.prepare_noise(latent, seed)
+    else:
+        noise = torch.zeros(latent.size(), dtype=latent.dtype, layout=latent.layout, device="cpu")
+    return comfy.sample.sample(
+        model, noise, steps, cfg, sampler, scheduler, conditioning(positive), conditioning(negative), latent,
+        denoise=denoise, disable_noise=not add_noise, start_step=start_step, last_step=last_step,
+        force_full_denoise=force_full_denoise, callback=callback, disable_pbar=True, seed=seed,
+    )
