@@ -1,0 +1,482 @@
+#!/usr/bin/env python
+"""Write the bundled UI-format workflows into workflows/ (a maintenance tool; the JSON files are what ships).
+
+    python scripts/build_workflows.py            # node definitions from an in-process ComfyUI (needs the venv)
+    python scripts/build_workflows.py --object-info http://127.0.0.1:8188/object_info
+
+Widget values are written by input name and placed in the front end's order using ComfyUI's node
+definitions (the same rules as tests/ui_to_api.py), so a change of a node's inputs shows up here as an
+error instead of as a silently shifted value. Positions and sizes are laid out by hand below. After
+regenerating, run the browser test: it loads every workflow in the real front end.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from ui_to_api import widget_names  # noqa: E402
+
+OUT_DIR = REPO / "workflows"
+PACK_NODE_PROPS = {"cnr_id": "comfyui-wanloramoe", "ver": "0.1.0"}
+CORE_NODE_PROPS = {"cnr_id": "comfy-core", "ver": "0.3.64"}
+
+# Model files (names as in ComfyUI's own WAN 2.2 A14B template) and where they go.
+HF = "https://huggingface.co/Comfy-Org"
+UNET_HIGH = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
+UNET_LOW = "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
+VAE = "wan_2.1_vae.safetensors"
+TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+LORA_MOE = "surgical_lora_moe_a14b.safetensors"
+MODEL_URLS = {
+    UNET_HIGH: (f"{HF}/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/{UNET_HIGH}", "diffusion_models"),
+    UNET_LOW: (f"{HF}/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/diffusion_models/{UNET_LOW}", "diffusion_models"),
+    VAE: (f"{HF}/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/vae/{VAE}", "vae"),
+    TEXT_ENCODER: (f"{HF}/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/text_encoders/{TEXT_ENCODER}",
+                   "text_encoders"),
+}
+
+PROMPT = ("腹腔镜手术视野，电凝钩沿胆囊三角切割组织，吸引器吸除渗血，组织表面湿润反光，镜头稳定，细节清晰。\n"
+          "Laparoscopic view: an electrocautery hook dissects tissue while a suction device clears the blood.")
+NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+            "丑陋的，残缺的，多余的手指，杂乱的背景，静止不动的画面")
+
+# Sampling as in ComfyUI's A14B template (20 steps, cfg 3.5, shift 8), split where t crosses WAN 2.2's
+# t2v boundary 0.875: with shift 8 and the simple scheduler, steps 0-10 have t >= 0.875.
+STEPS, CFG, SHIFT, SPLIT = 20, 3.5, 8.0, 11
+WIDTH, HEIGHT, LENGTH, FPS = 832, 480, 81, 16
+SEED = 20251122
+
+FILES_NOTE = f"""## WAN 2.2 A14B + LoRA-MoE: model files
+
+```
+ComfyUI/models/
+├── diffusion_models/
+│   ├── {UNET_HIGH}
+│   └── {UNET_LOW}
+├── lora_moe/            (or loras/)
+│   └── {LORA_MOE}
+├── text_encoders/
+│   └── {TEXT_ENCODER}
+└── vae/
+    └── {VAE}
+```
+
+- WAN files: [Comfy-Org/Wan_2.2_ComfyUI_Repackaged]({HF}/Wan_2.2_ComfyUI_Repackaged) (text encoder from
+  [Wan_2.1_ComfyUI_repackaged]({HF}/Wan_2.1_ComfyUI_repackaged)).
+- The LoRA-MoE file is yours: train it with this pack's trainer, or assemble it from plain LoRAs with
+  `python -m moe_core.assemble` (see the pack's README). One file holds both adapter sets
+  (high-noise and low-noise); each **Load LoRA-MoE** picks its set.
+"""
+
+ROUTING_NOTE = """## Routing from the prompt
+
+The prompt lives in one **String (Multiline)** node that feeds both the text encoder and the
+**Prompt→Instrument Router**, so the experts always follow what the prompt says.
+Keywords (Chinese or English): 剪刀 / scissors → Scissors; 电凝钩, 电凝, hook → Hook/Electrocautery;
+吸引 / suction → Suction; 抓钳, 分离钳, grasper, forceps … → Other. No keyword → Other (see *no_instrument*).
+
+**Timestep Band** sets where the experts act on the noise level t (default: off below 0.2, half
+strength to 0.6, full above) and draws each expert's gate per step; the dotted line is the
+high/low-noise boundary (t = 0.875), where the two KSamplerAdvanced split (step 11 of 20 at shift 8).
+"""
+
+OVERRIDE_NOTE = """## Choosing the instrument by hand
+
+**Gate Override** replaces what the router detected: pick one *instrument* (its expert gets gate 1),
+or set *instrument* to "by weights" and give each expert a weight (normalised to sum 1; all zero is an
+error). The Router stays connected so its detection is still shown, but the gates are yours.
+"""
+
+SHEET_NOTE = """## Band / gate comparison sheet
+
+One seed, one prompt, six renders, tiled 3 × 2 into one video:
+
+| experts off (base LoRA only) | auto (routed from the prompt) | Scissors forced |
+|---|---|---|
+| **Hook/Electrocautery forced** | **Suction forced** | **Other forced** |
+
+Every column uses its own pair of **Load LoRA-MoE** nodes (high-noise and low-noise DiT) on the same
+loaded models; ComfyUI caches the shared nodes. Change the band on a column with a **Timestep Band**
+after its loaders. Lower the resolution / length first: this sheet renders six videos.
+"""
+
+
+# ----------------------------------------------------------------------------------------- node infos
+
+def object_info_inprocess() -> dict:
+    """/object_info as the server would send it: ComfyUI's core and extra nodes plus this pack's nodes."""
+    from moe_core.comfy_runtime import ensure_comfy
+
+    ensure_comfy(cpu=True)
+    import utils  # noqa: F401  ComfyUI's utils package, imported before nodes as main.py does (some
+    # comfy modules put comfy/ on sys.path, where a utils.py would shadow it)
+    import tempfile
+
+    import folder_paths
+
+    scratch = tempfile.mkdtemp(prefix="wlm-build-")  # some node modules create folders at import
+    folder_paths.set_input_directory(scratch)
+    folder_paths.set_output_directory(scratch)
+    folder_paths.set_temp_directory(scratch)
+    import nodes  # ComfyUI's nodes.py
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    from pack_fixtures import import_pack
+
+    pack = import_pack()
+    for cls in pack.NODES:
+        nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
+    out = {}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            out[name] = cls.GET_NODE_INFO_V1()
+            continue
+        spec = cls.INPUT_TYPES()
+        out[name] = {"input": spec, "input_order": {k: list(v) for k, v in spec.items()},
+                     "output": list(cls.RETURN_TYPES),
+                     "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES),
+                     "display_name": nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name, name)}
+    return out
+
+
+def object_info_from(source: str) -> dict:
+    if source.startswith("http"):
+        import urllib.request
+
+        with urllib.request.urlopen(source) as r:
+            return json.load(r)
+    return json.loads(Path(source).read_text())
+
+
+# -------------------------------------------------------------------------------------------- builder
+
+def _spec_default(spec: list) -> Any:
+    kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    if "default" in options:
+        return options["default"]
+    if isinstance(kind, list):
+        return kind[0] if kind else None
+    if kind == "COMBO":
+        return (options.get("options") or [None])[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
+
+
+class Node:
+    def __init__(self, graph: "Graph", nid: int, kind: str, pos, size, title, widgets, color, properties):
+        self.graph, self.id, self.kind = graph, nid, kind
+        self.pos, self.size, self.title, self.color = list(pos), list(size), title, color
+        self.widgets = dict(widgets or {})
+        self.properties = properties
+        self.in_links: dict[str, int] = {}
+        self.out_links: dict[int, list[int]] = {}
+
+    @property
+    def info(self) -> dict:
+        return self.graph.info[self.kind]
+
+    def to_json(self, order: int) -> dict:
+        if self.kind in ("Note", "MarkdownNote"):
+            return {"id": self.id, "type": self.kind, "pos": self.pos, "size": self.size, "flags": {},
+                    "order": order, "mode": 0, "inputs": [], "outputs": [], "title": self.title,
+                    "properties": {}, "widgets_values": [self.widgets["text"]],
+                    **({"color": self.color[0], "bgcolor": self.color[1]} if self.color else {})}
+        info = self.info
+        widgets = widget_names(info)
+        names = {n for n, _ in widgets}
+        unknown = set(self.widgets) - names
+        if unknown:
+            raise KeyError(f"{self.kind}: no widget inputs {sorted(unknown)}; it has {sorted(names)}")
+        values: list[Any] = []
+        for name, control in widgets:
+            section = "required" if name in info["input"].get("required", {}) else "optional"
+            spec = info["input"][section][name]
+            values.append(self.widgets.get(name, _spec_default(spec)))
+            if control:
+                values.append("fixed")
+        inputs = []
+        for section in ("required", "optional"):
+            specs = info["input"].get(section, {})
+            for name in info.get("input_order", {}).get(section, list(specs)):
+                spec = specs[name]
+                is_widget = name in names
+                if is_widget and name not in self.in_links:
+                    continue
+                kind = spec[0] if isinstance(spec[0], str) else "COMBO"
+                slot = {"name": name, "type": kind, "link": self.in_links.get(name)}
+                if section == "optional" and not is_widget:
+                    slot["shape"] = 7
+                if is_widget:
+                    slot["widget"] = {"name": name}
+                inputs.append(slot)
+        outputs = []
+        for i, (otype, oname) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
+            outputs.append({"name": oname, "type": otype if isinstance(otype, str) else "COMBO",
+                            "links": self.out_links.get(i, []), "slot_index": i})
+        props = dict(PACK_NODE_PROPS if self.kind.startswith("WanLoRAMoE_") else CORE_NODE_PROPS)
+        props["Node name for S&R"] = self.kind
+        models = [{"name": v, "url": MODEL_URLS[v][0], "directory": MODEL_URLS[v][1]}
+                  for v in self.widgets.values() if isinstance(v, str) and v in MODEL_URLS]
+        if models:
+            props["models"] = models
+        props.update(self.properties or {})
+        out = {"id": self.id, "type": self.kind, "pos": self.pos, "size": self.size, "flags": {}, "order": order,
+               "mode": 0, "inputs": inputs, "outputs": outputs, "properties": props, "widgets_values": values}
+        if self.title:
+            out["title"] = self.title
+        if self.color:
+            out["color"], out["bgcolor"] = self.color
+        return out
+
+
+class Graph:
+    def __init__(self, name: str, info: dict):
+        self.name, self.info = name, info
+        self.nodes: list[Node] = []
+        self.links: list[list] = []
+        self.groups: list[dict] = []
+
+    def add(self, kind: str, pos, size=(320, 120), title: str | None = None, widgets: dict | None = None,
+            color: tuple[str, str] | None = None, properties: dict | None = None) -> Node:
+        if kind not in ("Note", "MarkdownNote") and kind not in self.info:
+            raise KeyError(f"unknown node type {kind}")
+        node = Node(self, len(self.nodes) + 1, kind, pos, size, title, widgets, color, properties)
+        self.nodes.append(node)
+        return node
+
+    def note(self, text: str, pos, size, title: str) -> Node:
+        return self.add("MarkdownNote", pos, size, title=title, widgets={"text": text})
+
+    def connect(self, src: Node, output: int | str, dst: Node, name: str) -> None:
+        if isinstance(output, str):
+            names = src.info.get("output_name", src.info["output"])
+            output = list(names).index(output)
+        otype = src.info["output"][output]
+        link_id = len(self.links) + 1
+        dst_specs = {**dst.info["input"].get("required", {}), **dst.info["input"].get("optional", {})}
+        if name not in dst_specs:
+            raise KeyError(f"{dst.kind} has no input {name}")
+        self.links.append([link_id, src.id, output, dst.id, None, otype])  # to_slot filled in to_json
+        dst.in_links[name] = link_id
+        src.out_links.setdefault(output, []).append(link_id)
+
+    def group(self, title: str, nodes: list[Node], color: str = "#3f789e", pad: int = 40) -> None:
+        x0 = min(n.pos[0] for n in nodes) - 10
+        y0 = min(n.pos[1] for n in nodes) - pad
+        x1 = max(n.pos[0] + n.size[0] for n in nodes) + 10
+        y1 = max(n.pos[1] + n.size[1] for n in nodes) + 10
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
+                            "color": color, "font_size": 22, "flags": {}})
+
+    def to_json(self) -> dict:
+        nodes = [n.to_json(i) for i, n in enumerate(self.nodes)]
+        by_id = {n["id"]: n for n in nodes}
+        for link in self.links:
+            dst = by_id[link[3]]
+            link[4] = next(i for i, s in enumerate(dst["inputs"]) if s["link"] == link[0])
+        return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-wanloramoe/{self.name}")), "revision": 0,
+                "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": nodes,
+                "links": self.links, "groups": self.groups, "config": {},
+                "extra": {"ds": {"scale": 0.55, "offset": [60, 120]}}, "version": 0.4}
+
+
+GREEN = ("#232", "#353")
+PURPLE = ("#323", "#535")
+
+
+def shared_inputs(g: Graph, x: int = 0, y: int = 0):
+    """Loaders (column x), the shared prompt and both text encodings (column x + 370); returns the nodes."""
+    n = {}
+    n["unet_high"] = g.add("UNETLoader", (x, y), (330, 82), "Load Diffusion Model (high noise)",
+                           {"unet_name": UNET_HIGH, "weight_dtype": "default"})
+    n["unet_low"] = g.add("UNETLoader", (x, y + 130), (330, 82), "Load Diffusion Model (low noise)",
+                          {"unet_name": UNET_LOW, "weight_dtype": "default"})
+    n["clip"] = g.add("CLIPLoader", (x, y + 260), (330, 106), None,
+                      {"clip_name": TEXT_ENCODER, "type": "wan", "device": "default"})
+    n["vae"] = g.add("VAELoader", (x, y + 420), (330, 58), None, {"vae_name": VAE})
+    n["latent"] = g.add("EmptyHunyuanLatentVideo", (x, y + 530), (330, 130), None,
+                        {"width": WIDTH, "height": HEIGHT, "length": LENGTH, "batch_size": 1})
+    n["prompt"] = g.add("PrimitiveStringMultiline", (x + 370, y), (420, 160), "Prompt (shared)",
+                        {"value": PROMPT}, color=GREEN)
+    n["pos"] = g.add("CLIPTextEncode", (x + 370, y + 200), (420, 80), "CLIP Text Encode (Positive Prompt)",
+                     {"text": ""}, color=GREEN)
+    n["neg"] = g.add("CLIPTextEncode", (x + 370, y + 320), (420, 150), "CLIP Text Encode (Negative Prompt)",
+                     {"text": NEGATIVE}, color=PURPLE)
+    g.connect(n["prompt"], 0, n["pos"], "text")
+    g.connect(n["clip"], 0, n["pos"], "clip")
+    g.connect(n["clip"], 0, n["neg"], "clip")
+    return n
+
+
+def model_sampling(g: Graph, model_high: Node, model_low: Node, x: int, y_high: int, y_low: int):
+    ms_high = g.add("ModelSamplingSD3", (x, y_high), (260, 58), "ModelSamplingSD3 (high noise)", {"shift": SHIFT})
+    ms_low = g.add("ModelSamplingSD3", (x, y_low), (260, 58), "ModelSamplingSD3 (low noise)", {"shift": SHIFT})
+    g.connect(model_high, 0, ms_high, "model")
+    g.connect(model_low, 0, ms_low, "model")
+    return ms_high, ms_low
+
+
+def sampler_pair(g: Graph, n: dict, ms_high: Node, ms_low: Node, x: int, y_high: int, y_low: int,
+                 suffix: str = "", size=(300, 330)):
+    """The two KSamplerAdvanced split at the boundary; returns the final sampler and both samplers."""
+    ks_high = g.add("KSamplerAdvanced", (x, y_high), size, f"KSampler high noise (steps 0-{SPLIT}){suffix}",
+                    {"add_noise": "enable", "noise_seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
+                     "scheduler": "simple", "start_at_step": 0, "end_at_step": SPLIT,
+                     "return_with_leftover_noise": "enable"})
+    ks_low = g.add("KSamplerAdvanced", (x, y_low), size, f"KSampler low noise (steps {SPLIT}-end){suffix}",
+                   {"add_noise": "disable", "noise_seed": 0, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
+                    "scheduler": "simple", "start_at_step": SPLIT, "end_at_step": 10000,
+                    "return_with_leftover_noise": "disable"})
+    for ks, ms in ((ks_high, ms_high), (ks_low, ms_low)):
+        g.connect(ms, 0, ks, "model")
+        g.connect(n["pos"], 0, ks, "positive")
+        g.connect(n["neg"], 0, ks, "negative")
+    g.connect(n["latent"], 0, ks_high, "latent_image")
+    g.connect(ks_high, 0, ks_low, "latent_image")
+    return ks_low, [ks_high, ks_low]
+
+
+def decode(g: Graph, n: dict, latent: Node, x: int, y: int, title: str | None = None) -> Node:
+    dec = g.add("VAEDecode", (x, y), (220, 46), title)
+    g.connect(latent, 0, dec, "samples")
+    g.connect(n["vae"], 0, dec, "vae")
+    return dec
+
+
+def save_video(g: Graph, images: Node, x: int, y: int, prefix: str, size=(400, 420)):
+    vid = g.add("CreateVideo", (x, y), (270, 78), None, {"fps": FPS})
+    save = g.add("SaveVideo", (x, y + 120), size, None, {"filename_prefix": prefix, "format": "mp4", "codec": "h264"})
+    g.connect(images, 0, vid, "images")
+    g.connect(vid, 0, save, "video")
+    return vid, save
+
+
+def loader(g: Graph, model: Node, routing: Node | None, x: int, y: int, which: str, suffix: str = "") -> Node:
+    node = g.add("WanLoRAMoE_LoadLoRAMoE", (x, y), (340, 250), f"Load LoRA-MoE ({which} noise){suffix}",
+                 {"lora_moe": LORA_MOE, "adapter_set": f"{which}-noise", "alpha_base": 0.7, "alpha_expert": 1.0,
+                  "uncond": "same"})
+    g.connect(model, 0, node, "model")
+    if routing is not None:
+        g.connect(routing, 0, node, "routing")
+    return node
+
+
+def router(g: Graph, n: dict, x: int, y: int) -> Node:
+    r = g.add("WanLoRAMoE_PromptRouter", (x, y), (420, 280), None,
+              {"prompt": "", "mode": "rule-based", "top_k": 2, "temperature": 1.0, "no_instrument": "Other"})
+    g.connect(n["prompt"], 0, r, "prompt")
+    return r
+
+
+def band(g: Graph, model: Node, x: int, y: int, title: str) -> Node:
+    b = g.add("WanLoRAMoE_TimestepBand", (x, y), (420, 400), title,
+              {"preset": "three-level", "start": 0.2, "mid": 0.6, "mid_factor": 0.5, "end": 1.0,
+               "preview_steps": STEPS, "preview_shift": SHIFT})
+    g.connect(model, 0, b, "model")
+    return b
+
+
+def build_a14b(info: dict, override: bool) -> dict:
+    """Two rows, high-noise DiT on top and low-noise DiT below: loader -> LoRA-MoE -> band -> shift -> sampler."""
+    name = "wan22_a14b_t2v_lora_moe_gate_override" if override else "wan22_a14b_t2v_lora_moe"
+    g = Graph(name, info)
+    g.note(FILES_NOTE, (-500, 0), (460, 500), "Model files")
+    n = shared_inputs(g)
+    r = router(g, n, 370, 510)
+    routing = r
+    if override:
+        o = g.add("WanLoRAMoE_GateOverride", (370, 830), (420, 300), None,
+                  {"instrument": "Suction", "scissors": 1.0, "hook_electrocautery": 1.0, "suction": 1.0, "other": 1.0})
+        g.connect(r, 0, o, "routing")
+        routing = o
+        g.note(OVERRIDE_NOTE, (-500, 540), (460, 280), "Gate Override")
+    else:
+        g.note(ROUTING_NOTE, (-500, 540), (460, 360), "Routing")
+    y_high, y_low = 0, 460
+    lo_high = loader(g, n["unet_high"], routing, 830, y_high, "high")
+    lo_low = loader(g, n["unet_low"], routing, 830, y_low, "low")
+    b_high = band(g, lo_high, 1210, y_high, "Timestep Band (high noise)")
+    b_low = band(g, lo_low, 1210, y_low, "Timestep Band (low noise)")
+    ms_high, ms_low = model_sampling(g, b_high, b_low, 1670, y_high, y_low)
+    latent, samplers = sampler_pair(g, n, ms_high, ms_low, 1970, y_high, y_low)
+    dec = decode(g, n, latent, 2310, y_high)
+    save_video(g, dec, 2310, y_high + 90, "video/wan_lora_moe_override" if override else "video/wan_lora_moe")
+    g.group("LoRA-MoE on both DiTs", [lo_high, lo_low, b_high, b_low])
+    return g.to_json()
+
+
+def build_sheet(info: dict) -> dict:
+    """Six columns pairs (one per variant) in two bands of three, stitched 3 x 2 into one video."""
+    g = Graph("wan22_a14b_lora_moe_comparison_sheet", info)
+    g.note(FILES_NOTE, (-500, 0), (460, 500), "Model files")
+    g.note(SHEET_NOTE, (-500, 540), (460, 330), "Comparison sheet")
+    n = shared_inputs(g)
+    r = router(g, n, 370, 510)
+    variants: list[tuple[str, Node | None]] = [("experts off", None), ("auto", r)]
+    for k, instrument in enumerate(("Scissors", "Hook/Electrocautery", "Suction", "Other")):
+        o = g.add("WanLoRAMoE_GateOverride", (0, 720 + k * 290), (330, 250), f"Gate Override: {instrument}",
+                  {"instrument": instrument})
+        variants.append((instrument, o))
+    # ModelSamplingSD3 before the loaders: one pair shared by all variants (the order of the two patches
+    # does not matter).
+    ms_high, ms_low = model_sampling(g, n["unet_high"], n["unet_low"], 370, 830, 930)
+    decodes = []
+    for k, (label, routing) in enumerate(variants):
+        x = 850 + (k % 3) * 720
+        y = (k // 3) * 980
+        lo_high = loader(g, ms_high, routing, x, y, "high", f" [{label}]")
+        lo_low = loader(g, ms_low, routing, x, y + 290, "low", f" [{label}]")
+        latent, samplers = sampler_pair(g, n, lo_high, lo_low, x + 370, y, y + 290, f" [{label}]", size=(300, 270))
+        dec = decode(g, n, latent, x + 370, y + 600, f"VAE Decode [{label}]")
+        decodes.append(dec)
+        g.group(f"{k + 1}. {label}", [lo_high, lo_low, *samplers, dec])
+    # 3 x 2 tiling: row 1 = off | auto | Scissors, row 2 = Hook | Suction | Other.
+    x0 = 850 + 3 * 720
+    stitches = []
+
+    def stitch(a: Node, b: Node, direction: str, y: int) -> Node:
+        s = g.add("ImageStitch", (x0 + 290 * (len(stitches) % 2), y), (270, 150), None,
+                  {"direction": direction, "match_image_size": True, "spacing_width": 0, "spacing_color": "white"})
+        g.connect(a, 0, s, "image1")
+        g.connect(b, 0, s, "image2")
+        stitches.append(s)
+        return s
+
+    row1 = stitch(stitch(decodes[0], decodes[1], "right", 0), decodes[2], "right", 0)
+    row2 = stitch(stitch(decodes[3], decodes[4], "right", 200), decodes[5], "right", 200)
+    sheet = stitch(row1, row2, "down", 400)
+    save_video(g, sheet, x0, 620, "video/wan_lora_moe_sheet", size=(560, 480))
+    return g.to_json()
+
+
+WORKFLOWS = {
+    "wan22_a14b_t2v_lora_moe": lambda info: build_a14b(info, override=False),
+    "wan22_a14b_t2v_lora_moe_gate_override": lambda info: build_a14b(info, override=True),
+    "wan22_a14b_lora_moe_comparison_sheet": build_sheet,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--object-info", help="URL or JSON file of /object_info (default: in-process ComfyUI)")
+    ap.add_argument("--out", default=str(OUT_DIR))
+    args = ap.parse_args()
+    info = object_info_from(args.object_info) if args.object_info else object_info_inprocess()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        path = out / f"{name}.json"
+        path.write_text(json.dumps(build(info), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+
+
+if __name__ == "__main__":
+    main()
