@@ -1,0 +1,111 @@
+"""Assets of the CPU demo (``python -m training.stage1 --demo``): synthetic clips and tiny random models.
+
+Everything is written into ``demo.work_dir`` once and reused by later demo runs:
+
+* ``data/manifest.jsonl`` + ``data/clips/*.mp4``: synthetic laparoscopy-like clips (``training.data.synthetic``)
+  with Chinese captions and tip ROI boxes;
+* ``models/tiny_wan_t2v.safetensors``: a WAN text-to-video DiT with the real key layout but few, narrow
+  blocks and random weights; it is loaded through ``comfy.sd.load_diffusion_model`` like any WAN DiT;
+* ``models/random_wan21_vae.safetensors``: a WAN 2.1 VAE (its architecture is fixed by ComfyUI's loader, so
+  it has the real ~127M parameters) with random weights, stored in fp16 (~250 MB), loaded by ``comfy.sd.VAE``.
+
+The text encoder is the hashing stand-in (``demo:hash``): UMT5-XXL cannot be made small.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("training")
+
+DIT_FILE = "tiny_wan_t2v.safetensors"
+VAE_FILE = "random_wan21_vae.safetensors"
+
+
+def build_random_wan_dit(num_layers: int = 4, dim: int = 128, ffn_dim: int | None = None, seed: int = 0
+                         ) -> dict[str, torch.Tensor]:
+    """State dict of a random text-to-video ``WanModel`` (float32), un-prefixed keys as in WAN files."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    ffn_dim = ffn_dim or 2 * dim
+    model = comfy.ldm.wan.model.WanModel(
+        model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=dim, ffn_dim=ffn_dim, freq_dim=256,
+        text_dim=4096, out_dim=16, num_heads=max(1, dim // 128), num_layers=num_layers,
+        operations=comfy.ops.disable_weight_init)
+    gen = torch.Generator().manual_seed(seed)
+    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
+    with torch.no_grad():
+        for _, module in model.named_modules():
+            is_norm = isinstance(module, norm_types) or type(module).__name__.endswith("RMSNorm")
+            for name, param in module.named_parameters(recurse=False):
+                if name == "modulation":
+                    values = torch.randn(param.shape, generator=gen) * 0.1
+                elif name == "bias":
+                    values = torch.zeros(param.shape)
+                elif is_norm:
+                    values = torch.ones(param.shape)
+                else:
+                    values = torch.randn(param.shape, generator=gen) * 0.02
+                param.copy_(values.to(param.dtype))
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def build_random_wan_vae(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """State dict of a WAN 2.1 VAE with random weights (fan-in scaled normal, norms 1, biases 0)."""
+    import comfy.ldm.wan.vae
+
+    model = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                     temperal_downsample=[False, True, True], dropout=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) / max(1, p[0].numel()) ** 0.5)
+            elif name.endswith("gamma") or name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from moe_core.checkpoint import atomic_save_safetensors
+
+    atomic_save_safetensors(tensors, path, {"note": "random weights for the wan-lora-moe demo; not a model"})
+
+
+def prepare_demo(cfg, log_fn=print):
+    """Create the demo assets (if missing) and return ``cfg`` with empty model/data paths filled in."""
+    from .data.synthetic import make_synthetic_dataset
+    from .encoders import DEMO_TEXT
+
+    demo = cfg.demo
+    work = Path(demo.work_dir)
+    models = work / "models"
+    manifest = work / "data" / "manifest.jsonl"
+    if not manifest.is_file():
+        log_fn(f"demo: rendering {4 * demo.clips_per_class} synthetic clips into {manifest.parent}")
+        make_synthetic_dataset(manifest.parent, n_per_class=demo.clips_per_class, seed=0, width=demo.width,
+                               height=demo.height, fps=16.0, seconds=demo.frames / 16.0)
+    dit = models / f"tiny_wan_t2v_{demo.dit_layers}x{demo.dit_dim}.safetensors"
+    if not dit.is_file():
+        log_fn(f"demo: writing a tiny random WAN DiT ({demo.dit_layers} blocks, dim {demo.dit_dim}) to {dit}")
+        _save(build_random_wan_dit(demo.dit_layers, demo.dit_dim), dit)
+    vae = models / VAE_FILE
+    if not vae.is_file():
+        log_fn(f"demo: writing a random WAN 2.1 VAE (fp16, ~250 MB) to {vae}")
+        _save(build_random_wan_vae(), vae)
+    model = cfg.model
+    if not (model.dit or model.dit_high):
+        model = dataclasses.replace(model, dit=str(dit))
+    data = cfg.data
+    data = dataclasses.replace(data, manifest=data.manifest or str(manifest), vae=data.vae or str(vae),
+                               text_encoder=data.text_encoder or DEMO_TEXT)
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
+__all__ = ["build_random_wan_dit", "build_random_wan_vae", "prepare_demo"]

@@ -1,0 +1,404 @@
+"""WAN DiTs for training, loaded through ComfyUI's own loaders, with the adapters installed.
+
+* :func:`resolve_model_path` takes a path, or a file name in ComfyUI's ``models/diffusion_models`` (or the
+  legacy ``models/unet``) folders as ``folder_paths`` knows them; nothing is ever downloaded.
+* :func:`load_dit` runs ``comfy.sd.load_diffusion_model`` (what the UNETLoader node runs) and checks that the
+  result is a text-to-video WAN DiT, naming the file in every error.
+* :class:`TrainableDiT` is one DiT being trained: its ``ModelPatcher``, its :class:`~training.adapters.AdapterBank`
+  (object patches with ``moe_core``'s forward), the noise range it owns, device placement (idle DiT on the
+  CPU, optional streaming of the first blocks' weights for 24 GB cards) and the forward used by the loop:
+  frozen blocks in front of the first adapted block run under ``torch.no_grad``, the adapted blocks (and any
+  after them) under gradient checkpointing, both through ComfyUI's own block-replacement hook
+  (``transformer_options["patches_replace"]["dit"]``), so WAN's forward itself is untouched.
+* :class:`DiTSet` is the set trained in one run: one DiT (``default``), or the WAN 2.2 A14B pair
+  (``high_noise`` for t >= boundary, ``low_noise`` below).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.utils.checkpoint
+
+from moe_core.checkpoint import A14B_BOUNDARY
+
+from .adapters import AdapterBank, block_of
+
+log = logging.getLogger("training.models")
+
+WEIGHT_DTYPES = {
+    "default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+    "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+}
+MODEL_FOLDERS = ("diffusion_models", "unet")
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used for training; the message names the file and says why."""
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def _folder_paths():
+    import folder_paths  # ComfyUI's top-level module (on sys.path after ensure_comfy)
+
+    return folder_paths
+
+
+def resolve_model_path(spec: str, what: str = "DiT", base_dir: str | os.PathLike | None = None) -> Path:
+    """A model file from a path (absolute, or relative to ``base_dir``/the working directory) or a name
+    in ComfyUI's ``diffusion_models`` / ``unet`` folders."""
+    if not spec or not str(spec).strip():
+        raise ModelFileError(f"no {what} model given")
+    candidates = [Path(spec).expanduser()]
+    if base_dir is not None and not Path(spec).is_absolute():
+        candidates.insert(0, Path(base_dir) / spec)
+    for c in candidates:
+        if c.is_file():
+            return c.absolute()
+        if c.exists():
+            raise ModelFileError(f"{what} model {c}: not a file")
+    searched: list[str] = []
+    try:
+        fp = _folder_paths()
+        for folder in MODEL_FOLDERS:
+            hit = fp.get_full_path(folder, str(spec))
+            if hit:
+                return Path(hit).absolute()
+            searched.extend(fp.get_folder_paths(folder))
+        names = sorted({n for folder in MODEL_FOLDERS for n in fp.get_filename_list(folder)})
+    except Exception as e:  # pragma: no cover - folder_paths unavailable
+        names = []
+        searched.append(f"(ComfyUI model folders unavailable: {e})")
+    listing = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "") if names else "none"
+    raise ModelFileError(
+        f"{what} model {spec!r} not found: it is neither an existing file nor a model name in ComfyUI's "
+        f"folders ({', '.join(searched) or 'none'}). Models found there: {listing}")
+
+
+def precheck_dit(path: str | os.PathLike, what: str = "DiT") -> None:
+    """Cheap check (header only) that a file looks like a WAN DiT, so a wrong file fails before caching."""
+    path = Path(path)
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return  # .ckpt/.pt: only the full load can tell
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise ModelFileError(f"{what} model {path}: not a readable safetensors file (truncated download or another "
+                             f"format): {e}") from None
+    if not any(k.endswith("head.modulation") for k in keys) or not any(".self_attn.q.weight" in k for k in keys):
+        sample = ", ".join(keys[:3])
+        kind = ("a LoRA" if any("lora" in k for k in keys[:50]) else
+                "a VAE" if any(k.startswith(("encoder.", "decoder.")) for k in keys[:50]) else
+                "a text encoder" if any("encoder.block" in k or "shared.weight" in k for k in keys[:50]) else
+                "not a WAN DiT")
+        raise ModelFileError(f"{what} model {path}: this looks like {kind} (keys such as {sample}); a WAN DiT "
+                             "has blocks.N.self_attn.q.weight and head.modulation")
+
+
+def load_dit(path: str | os.PathLike, weight_dtype: str = "default", what: str = "DiT"):
+    """Load a WAN DiT through ``comfy.sd.load_diffusion_model``; returns a ``ModelPatcher``.
+
+    Raises:
+        ModelFileError: unreadable or corrupt file, not a diffusion model, not WAN, or not text-to-video.
+    """
+    import comfy.ldm.wan.model
+    import comfy.sd
+
+    path = Path(path)
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ModelFileError(f"weight_dtype {weight_dtype!r} is not one of {sorted(WEIGHT_DTYPES)}")
+    if not path.is_file():
+        raise ModelFileError(f"{what} model {path}: file not found")
+    precheck_dit(path, what)
+    options = {}
+    if WEIGHT_DTYPES[weight_dtype] is not None:
+        options["dtype"] = WEIGHT_DTYPES[weight_dtype]
+    try:
+        mp = comfy.sd.load_diffusion_model(str(path), model_options=options)
+    except Exception as e:  # ComfyUI raises RuntimeError/ValueError/safetensors errors with varied texts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(
+            f"{what} model {path}: ComfyUI cannot load it as a diffusion model ({first}). Expected a WAN 2.1/2.2 "
+            "text-to-video DiT .safetensors (e.g. wan2.2_t2v_high_noise_14B_fp16.safetensors), not a VAE, text "
+            "encoder, LoRA or truncated download.") from e
+    dm = getattr(mp.model, "diffusion_model", None)
+    if not isinstance(dm, comfy.ldm.wan.model.WanModel):
+        raise ModelFileError(f"{what} model {path}: ComfyUI detected {type(mp.model).__name__} "
+                             f"({type(dm).__name__}), not a WAN DiT")
+    if getattr(dm, "model_type", "t2v") != "t2v" or type(dm) is not comfy.ldm.wan.model.WanModel:
+        raise ModelFileError(f"{what} model {path}: a WAN {getattr(dm, 'model_type', '?')} / {type(dm).__name__} "
+                             "model; this trainer trains text-to-video DiTs")
+    return mp
+
+
+def model_info(mp) -> dict[str, int]:
+    dm = mp.model.diffusion_model
+    return {"dim": int(dm.dim), "num_layers": len(dm.blocks), "ffn_dim": int(dm.blocks[0].ffn_dim),
+            "in_dim": int(dm.patch_embedding.in_channels)}
+
+
+# ------------------------------------------------------------------------------------------ one DiT
+
+@dataclass
+class Placement:
+    """Where weights live while training.
+
+    Attributes:
+        device: compute device.
+        offload_device: where an idle DiT waits (the CPU).
+        offload_idle: move the DiT that is not training right now to ``offload_device`` (A14B pairs).
+        stream_blocks: number of leading blocks whose weights stay on ``offload_device`` and are copied to
+            the device layer by layer in each forward (ComfyUI's lowvram casting). They run without
+            autograd, so nothing of them is kept for the backward pass.
+    """
+
+    device: torch.device
+    offload_device: torch.device
+    offload_idle: bool = True
+    stream_blocks: int = 0
+
+
+class TrainableDiT:
+    """One DiT with its adapter bank: placement, forward for training, fingerprint."""
+
+    def __init__(self, name: str, model_patcher, bank: AdapterBank, t_range: tuple[float, float],
+                 placement: Placement, gradient_checkpointing: bool = True, source: str = "<memory>"):
+        self.name = name
+        self.mp = model_patcher
+        self.bank = bank
+        self.t_range = (float(t_range[0]), float(t_range[1]))
+        self.placement = placement
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.source = source
+        self.first_adapted = min(block_of(n) for n in bank.names)
+        num_layers = len(self.diffusion_model.blocks)
+        if placement.stream_blocks > self.first_adapted:
+            raise ValueError(f"stream_blocks = {placement.stream_blocks}, but block {self.first_adapted} is "
+                             "adapted: only blocks in front of the first adapted block can be streamed")
+        self.num_layers = num_layers
+        self._patches_applied = False
+        self._active = False
+        self.mp.model.requires_grad_(False)
+        bank.install(self.mp)
+        self._block_patches = self._make_block_patches()
+
+    @property
+    def diffusion_model(self) -> torch.nn.Module:
+        return self.mp.model.diffusion_model
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        model = self.mp.model
+        return model.manual_cast_dtype if model.manual_cast_dtype is not None else model.get_dtype()
+
+    def owns(self, t: float) -> bool:
+        lo, hi = self.t_range
+        return lo <= t < hi or (hi >= 1.0 and t == 1.0)
+
+    # -- placement ----------------------------------------------------------------------------------
+
+    def _apply_object_patches(self) -> None:
+        if not self._patches_applied:
+            self.mp.patch_model(load_weights=False)  # ComfyUI applies the object patches (our forwards)
+            self._patches_applied = True
+
+    def activate(self) -> None:
+        """Make this DiT ready to run: object patches applied, weights and adapters on the device."""
+        self._apply_object_patches()
+        if self._active:
+            return
+        device, stream = self.placement.device, self.placement.stream_blocks
+        dm = self.diffusion_model
+        streamed = set()
+        for i in range(stream):
+            for m in dm.blocks[i].modules():
+                streamed.add(id(m))
+                if hasattr(m, "comfy_cast_weights"):  # comfy.ops layer: cast weights per call
+                    if not hasattr(m, "prev_comfy_cast_weights"):
+                        m.prev_comfy_cast_weights = m.comfy_cast_weights
+                    m.comfy_cast_weights = True
+        for m in dm.modules():
+            if id(m) in streamed:
+                continue
+            for name, p in list(m.named_parameters(recurse=False)):
+                if p.device != device:
+                    p.data = p.data.to(device)
+            for name, b in list(m.named_buffers(recurse=False)):
+                if b.device != device:
+                    setattr(m, name, b.to(device))
+        if stream and device.type == "cuda":
+            for i in range(stream):
+                for p in dm.blocks[i].parameters():
+                    if not p.data.is_pinned():
+                        p.data = p.data.pin_memory()
+        self.bank.to(device)
+        self._active = True
+
+    def deactivate(self) -> None:
+        """Move weights back to the offload device (the idle DiT of an A14B pair)."""
+        if not self._active:
+            return
+        off = self.placement.offload_device
+        if self.placement.offload_idle and off != self.placement.device:
+            self.diffusion_model.to(off)  # the adapters stay: they are small and the optimizer state is there
+            if self.placement.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self._active = False
+
+    def release(self) -> None:
+        """Undo ComfyUI's object patches (the layers get their plain forwards back)."""
+        if self._patches_applied:
+            self.mp.unpatch_model(unpatch_weights=False)
+            self._patches_applied = False
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def _make_block_patches(self) -> dict:
+        """ComfyUI ``patches_replace['dit']`` entries: no_grad in front, checkpointing from the first adapted block."""
+        patches = {}
+
+        def frozen(args, extra):
+            with torch.no_grad():
+                return extra["original_block"](args)
+
+        def checkpointed_block(block: torch.nn.Module):
+            # ComfyUI's own `original_block` closure reads the loop variable `block` late, so when the
+            # backward pass recomputes it, it would run the *last* block. Call the block module directly,
+            # exactly as ComfyUI's block_wrap does (t2v: no image context, context_img_len None).
+            def patch(args, extra):
+                def run(img):
+                    return block(img, context=args["txt"], e=args["vec"], freqs=args["pe"], context_img_len=None,
+                                 transformer_options=args["transformer_options"])
+
+                if not torch.is_grad_enabled():
+                    return {"img": run(args["img"])}
+                return {"img": torch.utils.checkpoint.checkpoint(run, args["img"], use_reentrant=False)}
+
+            return patch
+
+        for i in range(self.num_layers):
+            if i < self.first_adapted:
+                patches[("double_block", i)] = frozen
+            elif self.gradient_checkpointing:
+                patches[("double_block", i)] = checkpointed_block(self.diffusion_model.blocks[i])
+        return patches
+
+    @contextlib.contextmanager
+    def adapters(self, gains: torch.Tensor) -> Iterator[None]:
+        """Scope of one model call *and its backward pass*: the bank's stacked adapters and scales are set."""
+        self.bank.begin(gains, self.placement.device, self.compute_dtype)
+        try:
+            yield
+        finally:
+            self.bank.end()
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The DiT's velocity prediction (float32) for noisy latents ``x_t`` [B, C, F, H, W] at noise ``t`` [B].
+
+        Inputs are cast as ComfyUI's ``BaseModel._apply_model`` casts them (latents and context to the
+        model's compute dtype, timestep ``1000 * t`` in float32). Call inside :meth:`adapters`.
+        """
+        if self.bank.ab is None:
+            raise RuntimeError("TrainableDiT.predict must run inside `with dit.adapters(gains):`")
+        device, dtype = self.placement.device, self.compute_dtype
+        x = x_t.to(device, dtype)
+        ctx = context.to(device, dtype)
+        timestep = (t.to(device=device, dtype=torch.float32) * 1000.0)
+        opts = {"patches_replace": {"dit": self._block_patches}}
+        if autocast_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
+                out = self.diffusion_model(x, timestep, ctx, transformer_options=opts)
+        else:
+            out = self.diffusion_model(x, timestep, ctx, transformer_options=opts)
+        return out.float()
+
+    def process_latent_in(self, latent: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the normalised latents the DiT works on (what ComfyUI's sampler does first)."""
+        return self.mp.model.process_latent_in(latent)
+
+    def fingerprint(self) -> list[float]:
+        from moe_core.patch import model_fingerprint
+
+        return model_fingerprint(self.mp)
+
+
+class DiTSet:
+    """The DiTs trained in one run, each owning a noise range: one ``default`` DiT, or the A14B pair."""
+
+    def __init__(self, dits: Sequence[TrainableDiT], boundary: float | None = None):
+        if not dits:
+            raise ValueError("no DiT to train")
+        self.dits = list(dits)
+        self.boundary = boundary
+        self._active: TrainableDiT | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.dits]
+
+    def __iter__(self):
+        return iter(self.dits)
+
+    def __len__(self) -> int:
+        return len(self.dits)
+
+    def by_name(self, name: str) -> TrainableDiT:
+        for d in self.dits:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def index_for(self, t: float) -> int:
+        for i, d in enumerate(self.dits):
+            if d.owns(t):
+                return i
+        raise ValueError(f"no DiT owns noise level t={t} (ranges {[d.t_range for d in self.dits]})")
+
+    def activate(self, dit: TrainableDiT) -> TrainableDiT:
+        """Make ``dit`` the one on the device; the previous one goes to the offload device."""
+        if self._active is not dit:
+            if self._active is not None:
+                self._active.deactivate()
+            dit.activate()
+            self._active = dit
+        return dit
+
+    def release(self) -> None:
+        for d in self.dits:
+            d.deactivate()
+            d.release()
+        self._active = None
+
+
+def a14b_ranges(boundary: float = A14B_BOUNDARY) -> dict[str, tuple[float, float]]:
+    """Noise ranges of the WAN 2.2 A14B pair: the high-noise DiT from the boundary up, the low-noise one below."""
+    if not 0.0 < boundary < 1.0:
+        raise ValueError(f"the A14B boundary must be in (0, 1), got {boundary}")
+    return {"high_noise": (boundary, 1.0), "low_noise": (0.0, boundary)}
+
+
+def check_pair(high, low, high_path: Path, low_path: Path) -> None:
+    """The two DiTs of an A14B pair must have the same architecture and must not be the same weights."""
+    hi, lo = model_info(high), model_info(low)
+    if hi != lo:
+        raise ModelFileError(f"the high-noise DiT {high_path} ({hi}) and the low-noise DiT {low_path} ({lo}) "
+                             "have different architectures: they are not a WAN 2.2 A14B pair")
+    from moe_core.patch import model_fingerprint
+
+    if high_path.resolve() == low_path.resolve() or model_fingerprint(high) == model_fingerprint(low):
+        raise ModelFileError(f"the high-noise and low-noise DiTs are the same weights ({high_path}, {low_path}); "
+                             "give the two different A14B files")
+
+
+__all__ = ["DiTSet", "MODEL_FOLDERS", "ModelFileError", "Placement", "TrainableDiT", "WEIGHT_DTYPES",
+           "a14b_ranges", "check_pair", "load_dit", "model_info", "precheck_dit", "resolve_model_path"]

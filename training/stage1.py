@@ -1,0 +1,375 @@
+"""Stage 1: train the vanilla base LoRA that stage 2 freezes.
+
+    python -m training.stage1 --demo                               # CPU demo, about a minute
+    python -m training.stage1 --config run.toml [--resume [PATH]] [--set train.learning_rate=5e-5]
+    torchrun --nproc_per_node 4 -m training.stage1 --config run.toml    # data parallel
+    python -m training.stage1 --print-config                       # every key, its default and meaning
+
+Output in ``output.dir``: ``<name>.safetensors`` (one DiT) or ``<name>_high_noise.safetensors`` +
+``<name>_low_noise.safetensors`` (A14B pair): standard LoRAs in ComfyUI's key format, loadable by
+LoraLoaderModelOnly and by ``moe_core`` as the base of a LoRA-MoE; ``checkpoints/`` (LoRA-MoE files + full
+training state; ``--resume`` continues from the newest), ``metrics.jsonl``, ``loss.png``, ``config.toml``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from moe_core.comfy_runtime import ensure_comfy
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class Stage1Result:
+    loras: dict[str, Path]
+    out_dir: Path
+    steps: int
+    losses: list[float]
+    checkpoint: Path | None
+    metrics: Path
+    plots: list[Path]
+    trainer: Any = None
+    data: Any = None
+
+
+class TrainingSetupError(RuntimeError):
+    """The run cannot start (output folder already used, incompatible data and model, ...)."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .adapters import AdapterConfigError
+    from .config import ConfigError
+    from .data.labels import NoInstrumentError
+    from .data.manifest import ManifestError
+    from .data.video_io import VideoReadError
+    from .encoders import EncoderFileError, NoUsableClipsError
+    from .loop import ResumeError
+    from .models import ModelFileError
+    from moe_core.checkpoint import LoraMoEFormatError
+
+    return (ConfigError, ManifestError, NoInstrumentError, ModelFileError, EncoderFileError, NoUsableClipsError,
+            ResumeError, AdapterConfigError, TrainingSetupError, VideoReadError, LoraMoEFormatError)
+
+
+# ------------------------------------------------------------------------------------------- building
+
+def build_dits(cfg, device, seed: int, expert_names: Sequence[str], log_fn=print):
+    """Load the DiT(s) of ``cfg.model`` through ComfyUI and put a fresh trainable base LoRA on each."""
+    from .adapters import AdapterBank, TargetSpec, resolve_blocks, target_linears
+    from .models import DiTSet, Placement, TrainableDiT, a14b_ranges, check_pair, load_dit, resolve_model_path
+    import torch
+
+    m = cfg.model
+    if m.dit:
+        specs = [("default", m.dit, (0.0, 1.0))]
+    elif m.dit_high:
+        ranges = a14b_ranges(m.boundary)
+        specs = [(n, m.dit_high if n == "high_noise" else m.dit_low, ranges[n])
+                 for n in ("high_noise", "low_noise") if n in m.train_dits]
+    else:
+        raise TrainingSetupError("no model given: set model.dit (one DiT) or model.dit_high + model.dit_low "
+                                 "(WAN 2.2 A14B), or run the demo with --demo")
+    paths = {name: resolve_model_path(spec, f"{name} DiT" if name != "default" else "DiT") for name, spec, _ in specs}
+    placement = Placement(device=device, offload_device=torch.device("cpu"), offload_idle=m.offload_idle_dit,
+                          stream_blocks=m.stream_blocks)
+    dits, patchers = [], {}
+    for i, (name, _, t_range) in enumerate(specs):
+        log_fn(f"loading {name} DiT {paths[name]}")
+        mp = load_dit(paths[name], m.weight_dtype, what=f"{name} DiT" if name != "default" else "DiT")
+        patchers[name] = mp
+        dm = mp.model.diffusion_model
+        num_layers = len(dm.blocks)
+        lo = cfg.lora
+        spec = TargetSpec(blocks=resolve_blocks(lo.target_blocks, num_layers, "lora.target_blocks"),
+                          ffn_blocks=resolve_blocks(lo.ffn_blocks, num_layers, "lora.ffn_blocks"),
+                          projections=tuple(lo.projections), ranks=lo.ranks(), alpha=lo.alpha)
+        ranks = spec.modules()
+        if not ranks:
+            raise TrainingSetupError("lora.target_blocks and lora.ffn_blocks select no module")
+        bank = AdapterBank.fresh_base(target_linears(dm, spec), ranks, lo.alpha, seed=seed + 7919 * i,
+                                      num_experts=len(expert_names))
+        bank.to(device)
+        dits.append(TrainableDiT(name, mp, bank, t_range, placement, cfg.train.gradient_checkpointing,
+                                 source=str(paths[name])))
+    if len(patchers) == 2:
+        check_pair(patchers["high_noise"], patchers["low_noise"], paths["high_noise"], paths["low_noise"])
+    return DiTSet(dits, boundary=m.boundary if m.dit_high else None), paths
+
+
+def sampler_for(cfg, dits):
+    from .objective import TimestepSampler
+
+    o = cfg.objective
+    sampler = TimestepSampler(o.timestep_sampling, o.shift, o.t_min, o.t_max, o.logit_scale)
+    lo = min(d.t_range[0] for d in dits)
+    hi = max(d.t_range[1] for d in dits)
+    return sampler.restricted(lo, hi)
+
+
+def loop_settings(cfg, total_steps: int):
+    from .loop import LoopSettings
+
+    t, o, out = cfg.train, cfg.objective, cfg.output
+    return LoopSettings(seed=t.seed, total_steps=total_steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                        learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, warmup_steps=t.warmup_steps,
+                        min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
+                        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, max_grad_norm=t.max_grad_norm,
+                        mixed_precision=t.mixed_precision, roi_weight=o.roi_weight, save_every=out.save_every,
+                        keep_last=out.keep_last, log_every=out.log_every, progress=out.progress, plot=out.plot)
+
+
+def _check_output_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
+    from .loop import latest_checkpoint
+
+    if resume is not None:
+        return
+    pointer = latest_checkpoint(out_dir) if out_dir.is_dir() else None
+    if pointer is not None and not overwrite:
+        raise TrainingSetupError(
+            f"output.dir {out_dir} already holds a run (checkpoint at step {pointer.get('step')}). Continue it with "
+            "--resume, choose another output.dir, or pass --overwrite to start again there (its checkpoints "
+            "are then replaced as the new run reaches them)")
+    if overwrite:  # a fresh run: its log starts empty and --resume must not find the old run's pointer
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (out_dir / "checkpoints" / "latest.json").unlink(missing_ok=True)
+
+
+def export_loras(trainer, cfg, out_dir: Path, dit_paths: dict[str, Path]) -> dict[str, Path]:
+    """The base LoRA of each DiT as a standard LoRA file (ComfyUI key format)."""
+    import torch
+    from moe_core.lora_formats import save_lora
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.output.save_dtype]
+    out = {}
+    for d in trainer.dits:
+        name = cfg.output.name if d.name == "default" else f"{cfg.output.name}_{d.name}"
+        path = out_dir / f"{name}.safetensors"
+        meta = {"wan_lora_moe_stage": "1", "wan_lora_moe_set": d.name,
+                "wan_lora_moe_fingerprint": json.dumps(trainer._fingerprints[d.name]),
+                "wan_lora_moe_dit": Path(dit_paths[d.name]).name, "wan_lora_moe_steps": str(trainer.step),
+                "wan_lora_moe_t_range": json.dumps(list(d.t_range))}
+        save_lora(d.bank.base_lora(), path, dtype=dtype, metadata=meta)
+        out[d.name] = path
+    return out
+
+
+@dataclass
+class Stage1Setup:
+    """Everything :func:`run_stage1` builds before training (tests drive the trainer from here)."""
+
+    cfg: Any
+    trainer: Any
+    prepared: Any
+    dit_paths: dict[str, Path]
+    dist: Any
+    device: Any
+    say: Callable[[str], None]
+
+
+def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encoders: tuple | None = None,
+                 callbacks: Sequence[Callable[[int, dict], None]] = (), log_fn: Callable[[str], None] = print
+                 ) -> Stage1Setup:
+    """Process group, demo assets, data cache, DiTs with fresh adapters, trainer (resumed if asked)."""
+    ensure_comfy()
+    import os
+
+    import torch
+
+    from .config import config_to_dict
+    from .encoders import dataset_id, prepare
+    from .loop import Trainer, init_distributed, resolve_device, total_steps_for
+    from .models import precheck_dit, resolve_model_path
+    from moe_core.vocabulary import DEFAULT_EXPERT_NAMES
+
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg.model.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist = init_distributed(device)
+    say = log_fn if dist.is_main else (lambda *_: None)
+    try:
+        if cfg.demo.enabled:
+            from .demo import prepare_demo
+
+            if dist.is_main:
+                cfg = prepare_demo(cfg, say)
+            dist.barrier()
+            if not dist.is_main:
+                cfg = prepare_demo(cfg, lambda *_: None)
+        out_dir = Path(cfg.output.dir)
+        if dist.is_main:
+            _check_output_dir(out_dir, resume, overwrite or cfg.demo.enabled)
+        # fail on a wrong model file before spending time on encoding
+        for key in ("dit", "dit_high", "dit_low"):
+            spec = getattr(cfg.model, key)
+            if spec and (key == "dit" or key.replace("dit_", "") + "_noise" in cfg.model.train_dits):
+                what = {"dit": "DiT", "dit_high": "high_noise DiT", "dit_low": "low_noise DiT"}[key]
+                precheck_dit(resolve_model_path(spec, what), what)
+
+        # data: the main process encodes what is missing, the others then find everything cached
+        video_enc, text_enc = encoders if encoders is not None else (None, None)
+        prepared = None
+        if dist.is_main:
+            prepared = prepare(cfg.data, say, video_enc, text_enc)
+            say(prepared.format())
+        dist.barrier()
+        if not dist.is_main:
+            prepared = prepare(cfg.data, None, video_enc, text_enc)
+        dataset = prepared.dataset
+
+        expert_names = list(DEFAULT_EXPERT_NAMES)
+        dits, dit_paths = build_dits(cfg, device, cfg.train.seed, expert_names, say)
+        in_dim = dits.dits[0].diffusion_model.patch_embedding.in_channels
+        channels = dataset[0]["latent"].shape[0]
+        if channels != in_dim:
+            raise TrainingSetupError(f"the cached latents have {channels} channels but the DiT takes {in_dim}: the "
+                                     "VAE does not belong to this DiT (WAN 2.1 / 2.2 A14B use the WAN 2.1 VAE with 16 "
+                                     "channels; the WAN 2.2 5B model uses the 2.2 VAE with 48)")
+
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size
+        total = total_steps_for(cfg.train.epochs, cfg.train.max_steps, len(dataset), global_batch)
+        sampler = sampler_for(cfg, dits)
+        trainer = Trainer(dits, dataset, sampler, loop_settings(cfg, total), out_dir, config_to_dict(cfg),
+                          expert_names, dataset_id=dataset_id(prepared), dist=dist, callbacks=callbacks,
+                          model_sets={d.name: {"model": _model_info(d)} for d in dits})
+        if resume is not None:
+            trainer.resume(out_dir if resume == "auto" else resume)
+        n_params = sum(d.bank.num_trainable() for d in dits)
+        high = (f", {sampler.fraction_above(dits.boundary):.0%} of samples on the high-noise DiT"
+                if dits.boundary is not None and len(dits) == 2 else "")
+        say(f"training {', '.join(dits.names)}: {len(dits.dits[0].bank.names)} adapted modules per DiT, "
+            f"{n_params:,} trainable parameters; {len(dataset)} windows, global batch {global_batch} "
+            f"({dist.world_size} process(es)), {total} steps from step {trainer.step}; t in "
+            f"[{sampler.t_min:g}, {sampler.t_max:g}] ({sampler.sampling}, shift {sampler.shift:g}){high}; "
+            f"device {device}")
+        return Stage1Setup(cfg, trainer, prepared, dit_paths, dist, device, say)
+    except BaseException:
+        if dist.initialized_here:
+            torch.distributed.destroy_process_group()
+        raise
+
+
+def run_stage1(cfg, resume: str | None = None, overwrite: bool = False, encoders: tuple | None = None,
+               callbacks: Sequence[Callable[[int, dict], None]] = (), log_fn: Callable[[str], None] = print
+               ) -> Stage1Result:
+    """Run stage 1 for a validated :class:`~training.config.Stage1Config` (the CLI and the tests call this).
+
+    Args:
+        resume: ``"auto"`` (newest checkpoint in output.dir), a ``.state.pt`` path or a run folder; None = new run.
+        overwrite: allow a new run in an output.dir that already holds checkpoints.
+        encoders: ``(video, text)`` encoders to use instead of the configured ones (tests).
+        callbacks: ``fn(step, metrics)`` after each optimizer step.
+    """
+    import torch
+
+    from .config import to_toml
+    from .data.atomic import atomic_write_text
+
+    setup = setup_stage1(cfg, resume, overwrite, encoders, callbacks, log_fn)
+    cfg, trainer, dist, say = setup.cfg, setup.trainer, setup.dist, setup.say
+    out_dir = Path(cfg.output.dir)
+    try:
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_dir / "config.toml", to_toml(cfg))
+        start = time.time()
+        result = trainer.train()
+        loras = export_loras(trainer, cfg, out_dir, setup.dit_paths) if dist.is_main else {}
+        for d in trainer.dits:
+            if all(float(p.detach().abs().max()) == 0.0 for n, p in d.bank.named_trainable() if n.endswith(".up")):
+                say(f"warning: the {d.name} DiT received no training sample (its LoRA is all zeros): train "
+                    "longer, or check objective.t_min/t_max against the A14B boundary")
+        dist.barrier()
+        if dist.is_main:
+            say(f"done: {result.steps} steps in {time.time() - start:.1f} s; final loss {result.losses[-1]:.4f}"
+                if result.losses else f"done: already at step {result.steps}")
+            for name, path in loras.items():
+                say(f"  LoRA ({name}): {path}")
+            say(f"  metrics: {result.metrics}" + (f"; plot: {result.plots[0]}" if result.plots else ""))
+        return Stage1Result(loras, out_dir, result.steps, result.losses, result.checkpoint, result.metrics,
+                            result.plots, trainer, setup.prepared)
+    finally:
+        if dist.initialized_here:
+            torch.distributed.destroy_process_group()
+
+
+def _model_info(dit) -> dict[str, int]:
+    from .models import model_info
+
+    return model_info(dit.mp)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.stage1",
+        description="Stage 1 of the WAN LoRA-MoE: train the vanilla base LoRA (frozen in stage 2).",
+        epilog="Any config key can be overridden: --set train.learning_rate=5e-5 or --train.learning_rate 5e-5. "
+               "Run with --print-config to see every key.")
+    p.add_argument("--config", type=Path, help="TOML config (see training/configs/stage1.toml)")
+    p.add_argument("--demo", action="store_true",
+                   help="run the built-in CPU demo config (synthetic clips, tiny random models)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue the run in output.dir from its newest checkpoint, or from PATH (.state.pt)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an output.dir that holds one")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    return p
+
+
+def load_cli_config(args, extra_overrides: Sequence[str]):
+    from .config import DEMO_TOML, Stage1Config, load_config
+
+    overrides = list(args.overrides) + list(extra_overrides)
+    if args.demo and args.config:
+        raise SystemExit("error: give either --demo or --config, not both")
+    if args.demo:
+        return load_config(Stage1Config, text=DEMO_TOML, overrides=overrides)
+    return load_config(Stage1Config, args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ensure_comfy()
+    from .config import ConfigError, Stage1Config, split_dotted_flags, to_toml
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        rest, dotted = split_dotted_flags(argv, Stage1Config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(rest)
+    errors = _known_errors()
+    try:
+        cfg = load_cli_config(args, dotted)
+        if args.print_config:
+            print(to_toml(cfg), end="")
+            return 0
+        if not args.config and not args.demo:
+            print("error: give --config run.toml (or --demo for the CPU demo); --print-config shows every key",
+                  file=sys.stderr)
+            return 2
+        run_stage1(cfg, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with --resume (same config)", file=sys.stderr)
+        return 130
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
