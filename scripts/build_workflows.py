@@ -86,7 +86,9 @@ Keywords (Chinese or English): 剪刀 / scissors → Scissors; 电凝钩, 电凝
 
 **Timestep Band** sets where the experts act on the noise level t (default: off below 0.2, half
 strength to 0.6, full above) and draws each expert's gate per step; the dotted line is the
-high/low-noise boundary (t = 0.875), where the two KSamplerAdvanced split (step 11 of 20 at shift 8).
+high/low-noise boundary (t = 0.875): at shift 8 and 20 steps, steps 0-10 have t >= 0.875, so the
+high-noise KSamplerAdvanced ends at step 11 and the low-noise one starts there. Change steps or shift,
+and move the split to where the band picture's dotted line falls.
 """
 
 OVERRIDE_NOTE = """## Choosing the instrument by hand
@@ -268,7 +270,7 @@ class Graph:
         dst.in_links[name] = link_id
         src.out_links.setdefault(output, []).append(link_id)
 
-    def group(self, title: str, nodes: list[Node], color: str = "#3f789e", pad: int = 40) -> None:
+    def group(self, title: str, nodes: list[Node], color: str = "#3f789e", pad: int = 75) -> None:
         x0 = min(n.pos[0] for n in nodes) - 10
         y0 = min(n.pos[1] for n in nodes) - pad
         x1 = max(n.pos[0] + n.size[0] for n in nodes) + 10
@@ -327,11 +329,11 @@ def model_sampling(g: Graph, model_high: Node, model_low: Node, x: int, y_high: 
 def sampler_pair(g: Graph, n: dict, ms_high: Node, ms_low: Node, x: int, y_high: int, y_low: int,
                  suffix: str = "", size=(300, 330)):
     """The two KSamplerAdvanced split at the boundary; returns the final sampler and both samplers."""
-    ks_high = g.add("KSamplerAdvanced", (x, y_high), size, f"KSampler high noise (steps 0-{SPLIT}){suffix}",
+    ks_high = g.add("KSamplerAdvanced", (x, y_high), size, f"KSampler high noise (steps 0-{SPLIT - 1}){suffix}",
                     {"add_noise": "enable", "noise_seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
                      "scheduler": "simple", "start_at_step": 0, "end_at_step": SPLIT,
                      "return_with_leftover_noise": "enable"})
-    ks_low = g.add("KSamplerAdvanced", (x, y_low), size, f"KSampler low noise (steps {SPLIT}-end){suffix}",
+    ks_low = g.add("KSamplerAdvanced", (x, y_low), size, f"KSampler low noise (steps {SPLIT}-{STEPS - 1}){suffix}",
                    {"add_noise": "disable", "noise_seed": 0, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
                     "scheduler": "simple", "start_at_step": SPLIT, "end_at_step": 10000,
                     "return_with_leftover_noise": "disable"})
@@ -393,7 +395,7 @@ def build_a14b(info: dict, override: bool) -> dict:
     r = router(g, n, 370, 510)
     routing = r
     if override:
-        o = g.add("WanLoRAMoE_GateOverride", (370, 830), (420, 300), None,
+        o = g.add("WanLoRAMoE_GateOverride", (370, 900), (420, 300), None,
                   {"instrument": "Suction", "scissors": 1.0, "hook_electrocautery": 1.0, "suction": 1.0, "other": 1.0})
         g.connect(r, 0, o, "routing")
         routing = o

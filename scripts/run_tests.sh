@@ -5,4 +5,7 @@
 # skipped.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# The browser tests drive Debian's Chromium; install it (and a CJK font) when missing. Where that is not
+# possible (no root, no apt) the browser tests fail with this script's name rather than skip.
+bash scripts/install_browser.sh || echo "warning: could not install Chromium; the browser tests will fail" >&2
 exec "$VENV/bin/python" -m pytest -q tests "$@"

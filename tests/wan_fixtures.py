@@ -27,50 +27,23 @@ ensure_comfy()  # no-op when conftest.py (cpu=True) or ComfyUI already did it
 
 import torch  # noqa: E402
 
-import comfy.ldm.wan.model  # noqa: E402
-import comfy.ops  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
+
+from training.demo import build_random_wan_dit  # noqa: E402
 
 TEXT_DIM = 4096  # fixed by ComfyUI's WAN detection
 LATENT_CHANNELS = 16
 DEFAULT_LATENT_SHAPE = (1, LATENT_CHANNELS, 3, 8, 8)  # [batch, channels, frames, height, width]
 
 
-def build_tiny_wan(seed: int = 0, num_layers: int = 10, dim: int = 128, ffn_dim: int = 256) -> torch.nn.Module:
-    """A ``WanModel`` (t2v) with deterministic hand-made weights, in float32 on the CPU.
-
-    ``comfy.ops.disable_weight_init`` layers skip PyTorch's init (their parameters are uninitialised
-    memory), so every parameter is set here from one seeded generator, in ``named_parameters`` order:
-    linear/conv weights ~ N(0, 0.02), biases 0, norm weights 1, ``modulation`` ~ N(0, 0.1).
-    """
-    model = comfy.ldm.wan.model.WanModel(
-        model_type="t2v", patch_size=(1, 2, 2), in_dim=LATENT_CHANNELS, dim=dim, ffn_dim=ffn_dim,
-        freq_dim=256, text_dim=TEXT_DIM, out_dim=LATENT_CHANNELS, num_heads=max(1, dim // 128),
-        num_layers=num_layers, operations=comfy.ops.disable_weight_init,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
-    with torch.no_grad():
-        for module_name, module in model.named_modules():
-            is_norm = isinstance(module, norm_types) or type(module).__name__.endswith("RMSNorm")
-            for name, param in module.named_parameters(recurse=False):
-                if name == "modulation":
-                    values = torch.randn(param.shape, generator=generator) * 0.1
-                elif name == "bias":
-                    values = torch.zeros(param.shape)
-                elif is_norm:
-                    values = torch.ones(param.shape)
-                else:
-                    values = torch.randn(param.shape, generator=generator) * 0.02
-                param.copy_(values.to(param.dtype))
-    return model.eval()
-
-
 def tiny_wan_state_dict(seed: int = 0, num_layers: int = 10, dim: int = 128, ffn_dim: int = 256
                         ) -> dict[str, torch.Tensor]:
-    """The state dict of :func:`build_tiny_wan`: un-prefixed keys, as in a WAN DiT ``.safetensors`` file."""
-    return {k: v.detach().clone() for k, v in build_tiny_wan(seed, num_layers, dim, ffn_dim).state_dict().items()}
+    """A ``WanModel`` (t2v) state dict with deterministic hand-made weights: un-prefixed keys, as in a WAN DiT
+    ``.safetensors`` file. The builder is the demo's (``training.demo.build_random_wan_dit``): linear/conv
+    weights ~ N(0, 0.02), biases 0, norm weights 1, ``modulation`` ~ N(0, 0.1), one head per 128 dims.
+    """
+    return build_random_wan_dit(num_layers=num_layers, dim=dim, ffn_dim=ffn_dim, seed=seed)
 
 
 def load_tiny_wan(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None, **model_options):

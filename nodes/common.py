@@ -1,0 +1,233 @@
+"""What the four nodes share: names, the routing wire type, the LoRA-MoE file list, a small file cache.
+
+Imported relatively (``from .common import ...``): inside ComfyUI this package is
+``custom_nodes.<folder>.nodes``, never the top-level ``nodes`` (that name is ComfyUI's own module).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..moe_core.checkpoint import METADATA_KEY, LoraMoE, load_lora_moe
+from ..moe_core.routing import Routing, RoutingError, rule_route
+from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_FALLBACK, DEFAULT_INSTRUMENTS
+
+PACK = "WanLoRAMoE"
+CATEGORY = "WAN LoRA-MoE"
+LORA_MOE_FOLDER = "lora_moe"  # ComfyUI/models/lora_moe (plus extra_model_paths.yaml entries)
+LORA_FOLDER = "loras"
+
+#: The value on a LORA_MOE_ROUTING wire (Router / Gate Override -> Load LoRA-MoE), a `RoutingValue`.
+RoutingIO = io.Custom("LORA_MOE_ROUTING")
+
+
+def node_id(name: str) -> str:
+    return f"{PACK}_{name}"
+
+
+def register_model_folder() -> None:
+    """Register ``models/lora_moe`` with ComfyUI (idempotent; extra_model_paths.yaml may add more paths)."""
+    folder_paths.add_model_folder_path(LORA_MOE_FOLDER, os.path.join(folder_paths.models_dir, LORA_MOE_FOLDER))
+
+
+register_model_folder()
+
+
+# ---------------------------------------------------------------------------------------- routing value
+
+@dataclass(frozen=True)
+class RoutingValue:
+    """A routing as the Router / Gate Override nodes produce it.
+
+    `routing` is computed with the default instrument vocabulary, for display. Load LoRA-MoE routes the
+    prompt again with the file's own expert names and keywords (`resolve`), so a file with another
+    vocabulary is routed by its own table; manual gates are used as they are.
+    """
+
+    routing: Routing
+    fallback: str = DEFAULT_FALLBACK
+
+    def resolve(self, moe: LoraMoE) -> Routing:
+        r = self.routing
+        if r.mode == "manual":
+            return r
+        return rule_route(r.prompt, moe.expert_names, keywords=moe.expert_keywords, fallback=self.fallback,
+                          top_k=min(r.top_k, moe.num_experts),
+                          temperature=r.temperature, mode=r.mode)
+
+    def to_ui(self) -> dict:
+        r = self.routing
+        return {"mode": r.mode, "detected": list(r.detected), "gates": dict(r.weights), "top_k": r.top_k,
+                "temperature": r.temperature, "note": r.note, "line": r.describe()}
+
+
+def as_routing_value(value) -> RoutingValue | None:
+    """Accept a RoutingValue or a bare moe_core Routing (from another pack's node); anything else is an error."""
+    if value is None or isinstance(value, RoutingValue):
+        return value
+    if isinstance(value, Routing) or type(value).__name__ == "Routing":  # a Routing from another import path
+        return RoutingValue(value)
+    raise RoutingError(f"expected a LORA_MOE_ROUTING value, got {type(value).__name__}")
+
+
+def gate_line(routing: Routing, gates: dict[str, float]) -> str:
+    """'[rule] instruments: Hook/Electrocautery, Suction -> gates: Hook/Electrocautery 0.50, Suction 0.50'."""
+    found = ", ".join(routing.detected) if routing.detected else "none"
+    note = f" ({routing.note})" if routing.note else ""
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in gates.items() if v >= 0.005)
+    extra = " (the file's learned router refines these per noise level)" if routing.mode == "learned" else ""
+    return f"[{routing.mode}] instruments: {found}{note} -> gates: {shown or 'all off'}{extra}"
+
+
+def check_choices(**values: tuple[object, list | tuple]) -> str | None:
+    """An error message if a combo value is not one of its options, else None.
+
+    ComfyUI 0.3.64 checks combo values only for V1 list-typed inputs; a V3 ``io.Combo`` arrives as type
+    "COMBO" and is not checked against its options, so every node checks its own (in ``validate_inputs``,
+    which also turns a bad value into a node error before anything runs)."""
+    for name, (value, options) in values.items():
+        if value is not None and value not in options:
+            shown = list(options) if len(options) <= 20 else f"{len(options)} names"
+            return f"{name}: {value!r} is not one of {shown}"
+    return None
+
+
+def instrument_label(name: str) -> str:
+    """'Hook/Electrocautery 电凝钩' for a default expert, the name itself otherwise."""
+    for inst in DEFAULT_INSTRUMENTS:
+        if inst.name == name:
+            return f"{inst.name} {inst.chinese}"
+    return name
+
+
+# ----------------------------------------------------------------------------------------- file listing
+
+def _is_lora_moe_header(path: str) -> bool:
+    """True if a .safetensors file's header carries LoRA-MoE metadata (reads the header only)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100_000_000:
+                return False
+            header = json.loads(f.read(n))
+        return METADATA_KEY in (header.get("__metadata__") or {})
+    except (OSError, ValueError):
+        return False
+
+
+_header_cache: dict[str, tuple[tuple[int, int], bool]] = {}
+
+
+def _cached_is_lora_moe(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    key = (st.st_mtime_ns, st.st_size)
+    hit = _header_cache.get(path)
+    if hit is None or hit[0] != key:
+        hit = (key, _is_lora_moe_header(path))
+        _header_cache[path] = hit
+    return hit[1]
+
+
+def list_lora_moe_files() -> list[str]:
+    """Names for the file combo: every .safetensors in ``models/lora_moe``, and the LoRA-MoE files found in
+    ``models/loras`` (plain LoRAs there are left out). A name in both folders means the lora_moe one."""
+    names = [n for n in folder_paths.get_filename_list(LORA_MOE_FOLDER) if n.lower().endswith(".safetensors")]
+    seen = set(names)
+    for n in folder_paths.get_filename_list(LORA_FOLDER):
+        if n in seen or not n.lower().endswith(".safetensors"):
+            continue
+        full = folder_paths.get_full_path(LORA_FOLDER, n)
+        if full and _cached_is_lora_moe(full):
+            names.append(n)
+            seen.add(n)
+    return names
+
+
+def resolve_lora_moe_file(name: str) -> str:
+    """The full path of a listed LoRA-MoE file. Only names in the current list are accepted, so no path
+    outside ComfyUI's model folders can be reached (no traversal, no absolute paths)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("no LoRA-MoE file selected")
+    if name not in list_lora_moe_files():
+        raise ValueError(f"LoRA-MoE file '{name}' is not in ComfyUI's 'lora_moe' or 'loras' model folders "
+                         "(refresh the node list after copying a file there)")
+    for folder in (LORA_MOE_FOLDER, LORA_FOLDER):
+        full = folder_paths.get_full_path(folder, name)
+        if full:
+            return full
+    raise ValueError(f"LoRA-MoE file '{name}' disappeared from the model folders")
+
+
+def header_summary(path: str) -> dict:
+    """Expert names, adapter sets and defaults from a LoRA-MoE file's header, without reading tensors.
+
+    Raises ValueError naming the file (not its directory) for anything that is not a LoRA-MoE header."""
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100_000_000 or n > os.fstat(f.fileno()).st_size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+        if raw is None:
+            raise KeyError(METADATA_KEY)
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not an object")
+    except KeyError:
+        raise ValueError(f"{name}: no '{METADATA_KEY}' metadata, so this is not a LoRA-MoE file (a plain LoRA? "
+                         "use ComfyUI's LoraLoader, or build a LoRA-MoE with `python -m moe_core.assemble`)") from None
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{name}: not a safetensors file or its header is damaged ({e})") from None
+    sets = {}
+    for name, s in (meta.get("sets") or {}).items():
+        sets[name] = {"modules": len(s.get("modules") or {}), "learned_router": bool(s.get("router_hidden")),
+                      "sigma_range": s.get("sigma_range")}
+    return {"format": meta.get("format"), "version": meta.get("version"), "expert_names": meta.get("expert_names"),
+            "sets": sets, "defaults": meta.get("defaults")}
+
+
+# ------------------------------------------------------------------------------------------ file cache
+
+class _LoraMoECache:
+    """The last few loaded files, keyed by path, mtime and size (an A14B graph loads one file twice)."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._items: OrderedDict[tuple, LoraMoE] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> LoraMoE:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        moe = load_lora_moe(path)
+        with self._lock:
+            self._items[key] = moe
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return moe
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+LORA_MOE_CACHE = _LoraMoECache()
+
+__all__ = ["CATEGORY", "DEFAULT_EXPERT_NAMES", "LORA_MOE_CACHE", "PACK", "RoutingIO", "RoutingValue",
+           "as_routing_value", "check_choices", "gate_line", "header_summary", "instrument_label", "list_lora_moe_files", "node_id",
+           "resolve_lora_moe_file"]

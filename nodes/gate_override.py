@@ -1,0 +1,94 @@
+"""Gate Override: fix the expert gates by hand (one chosen instrument, or a weight per expert)."""
+from __future__ import annotations
+
+import math
+
+from comfy_api.latest import io
+
+from ..moe_core.routing import manual_route
+from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES
+from .common import (CATEGORY, RoutingIO, RoutingValue, as_routing_value, check_choices, gate_line, instrument_label,
+                     node_id)
+
+BY_WEIGHTS = "by weights"
+#: Widget id per default expert (ids must be plain identifiers; the labels carry the full names).
+WEIGHT_INPUTS = {"Scissors": "scissors", "Hook/Electrocautery": "hook_electrocautery", "Suction": "suction",
+                 "Other": "other"}
+assert tuple(WEIGHT_INPUTS) == DEFAULT_EXPERT_NAMES
+
+
+def check_weights(weights: dict[str, float]) -> str | None:
+    """The error message for gate weights that cannot be normalised, or None."""
+    bad = {k: v for k, v in weights.items() if v is None or not math.isfinite(v) or v < 0}
+    if bad:
+        return f"gate weights must be finite and >= 0, got {bad}"
+    if sum(weights.values()) <= 0:
+        return "all gate weights are zero: set at least one expert above 0, or choose an instrument"
+    return None
+
+
+class GateOverride(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        weights = [
+            io.Float.Input(wid, display_name=instrument_label(name), default=1.0, min=0.0, max=1.0, step=0.05,
+                           tooltip=f"Gate weight of the {name} expert when instrument is '{BY_WEIGHTS}' "
+                           "(weights are normalised to sum 1).")
+            for name, wid in WEIGHT_INPUTS.items()
+        ]
+        return io.Schema(
+            node_id=node_id("GateOverride"),
+            display_name="Gate Override",
+            category=CATEGORY,
+            description="Fixes the expert gates by hand, replacing what the router detected.",
+            inputs=[
+                RoutingIO.Input("routing", optional=True,
+                                tooltip="Optional: a Router's output whose gates are replaced (its prompt and "
+                                "detection stay in the description)."),
+                io.Combo.Input("instrument", options=[BY_WEIGHTS, *DEFAULT_EXPERT_NAMES], default=BY_WEIGHTS,
+                               tooltip="Force one expert (gate 1, the others 0), or use the weights below."),
+                *weights,
+            ],
+            outputs=[
+                RoutingIO.Output(display_name="routing", tooltip="Connect to Load LoRA-MoE's routing input."),
+                io.String.Output(display_name="gates", tooltip="The fixed gates, as text."),
+            ],
+        )
+
+    @classmethod
+    def _weights(cls, instrument, values: dict[str, float]) -> dict[str, float]:
+        if instrument != BY_WEIGHTS:
+            return {n: (1.0 if n == instrument else 0.0) for n in DEFAULT_EXPERT_NAMES}
+        return {n: values[wid] for n, wid in WEIGHT_INPUTS.items()}
+
+    @classmethod
+    def validate_inputs(cls, instrument=None, scissors=None, hook_electrocautery=None, suction=None, other=None):
+        error = check_choices(instrument=(instrument, (BY_WEIGHTS, *DEFAULT_EXPERT_NAMES)))
+        if error:
+            return error
+        values = {"scissors": scissors, "hook_electrocautery": hook_electrocautery, "suction": suction,
+                  "other": other}
+        given = {k: v for k, v in values.items() if v is not None}
+        over = {k: v for k, v in given.items() if v > 1.0}
+        if over:
+            return f"gate weights must be <= 1, got {over}"
+        if instrument == BY_WEIGHTS and len(given) == len(values):  # linked weights are checked at run time
+            return check_weights({n: values[wid] for n, wid in WEIGHT_INPUTS.items()}) or True
+        neg = {k: v for k, v in given.items() if v < 0}
+        return f"gate weights must be >= 0, got {neg}" if neg else True
+
+    @classmethod
+    def execute(cls, instrument, scissors, hook_electrocautery, suction, other, routing=None) -> io.NodeOutput:
+        error = check_choices(instrument=(instrument, (BY_WEIGHTS, *DEFAULT_EXPERT_NAMES)))
+        if error:
+            raise ValueError(error)
+        weights = cls._weights(instrument, {"scissors": scissors, "hook_electrocautery": hook_electrocautery,
+                                            "suction": suction, "other": other})
+        error = check_weights(weights)
+        if error:
+            raise ValueError(error)
+        base = as_routing_value(routing)
+        fixed = manual_route(weights, base=base.routing if base is not None else None)
+        value = RoutingValue(fixed, fallback=base.fallback if base is not None else RoutingValue(fixed).fallback)
+        line = gate_line(fixed, fixed.weights)
+        return io.NodeOutput(value, line, ui={"text": [line], "wlm_routing": [dict(value.to_ui(), line=line)]})

@@ -1,0 +1,113 @@
+"""Timestep Band: where on the noise scale the experts act, on a model that already carries a LoRA-MoE."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..moe_core.band import ALWAYS_ON, DEFAULT_BAND, BandError, TimestepBand, three_level_band
+from ..moe_core.patch import moe_info, reconfigure
+from ..moe_core.routing import LearnedRouter
+from ..moe_core.schedule import A14B_T2V_BOUNDARY, flow_sigmas, gates_vs_steps, gates_vs_t, render_schedule
+from .common import CATEGORY, check_choices, node_id
+
+PRESETS = ("three-level", "seeds default", "file default", "always on")
+#: Points of the t grid sent to the web extension (raw router gates; it multiplies by the band it draws).
+UI_GRID = 101
+
+
+def make_band(preset: str, start: float, mid: float, mid_factor: float, end: float,
+              file_default: TimestepBand | None = None) -> TimestepBand:
+    if preset == "three-level":
+        return three_level_band(start=start, mid=mid, mid_factor=mid_factor, end=end)
+    if preset == "seeds default":
+        return DEFAULT_BAND
+    if preset == "always on":
+        return ALWAYS_ON
+    if preset == "file default":
+        if file_default is None:
+            raise BandError("'file default' needs the model's LoRA-MoE file")
+        return file_default
+    raise BandError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+
+
+class TimestepBandNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        t_tip = " (noise level t: 1 = pure noise at the first step, 0 = clean; used by 'three-level' only)"
+        return io.Schema(
+            node_id=node_id("TimestepBand"),
+            display_name="Timestep Band",
+            category=CATEGORY,
+            description=("Sets where on the noise scale the experts act (the base LoRA is not affected), and "
+                         "shows the gate schedule: each expert's gate against t and against the steps."),
+            inputs=[
+                io.Model.Input("model", tooltip="A model from Load LoRA-MoE (or after it, e.g. ModelSamplingSD3)."),
+                io.Combo.Input("preset", options=list(PRESETS), default="three-level",
+                               tooltip="three-level: the four values below. seeds default: off below t 0.2, "
+                               "50% up to 0.6, full above. file default: the band stored in the LoRA-MoE file. "
+                               "always on: experts at full strength at every step."),
+                io.Float.Input("start", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="Experts are off below this noise level" + t_tip),
+                io.Float.Input("mid", default=0.6, min=0.0, max=1.0, step=0.01,
+                               tooltip="From start to mid the experts act at mid_factor, from mid to end at full "
+                               "strength" + t_tip),
+                io.Float.Input("mid_factor", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Expert strength between start and mid" + t_tip),
+                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Experts are off above this noise level" + t_tip),
+                io.Int.Input("preview_steps", default=20, min=1, max=200,
+                             tooltip="Picture only: the step count to draw the per-step gates for (set it to "
+                             "your sampler's steps). Changing it re-runs the nodes after this one."),
+                io.Float.Input("preview_shift", default=8.0, min=0.1, max=100.0, step=0.1,
+                               tooltip="Picture only: the ModelSamplingSD3 shift of your graph, for the "
+                               "per-step axis ('simple' scheduler)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with this band.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, preset=None, start=None, mid=None, mid_factor=None, end=None):
+        error = check_choices(preset=(preset, PRESETS))
+        if error:
+            return error
+        values = {"start": start, "mid": mid, "mid_factor": mid_factor, "end": end}
+        for k, v in values.items():
+            if v is not None and not 0.0 <= v <= 1.0:
+                return f"{k} must be between 0 and 1, got {v}"
+        if preset == "three-level" and None not in values.values():
+            try:
+                three_level_band(start=start, mid=mid, mid_factor=mid_factor, end=end)
+            except BandError as e:
+                return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, model, preset, start, mid, mid_factor, end, preview_steps=20,
+                preview_shift=8.0) -> io.NodeOutput:
+        info = moe_info(model)  # LoraMoEModelError if the model carries no LoRA-MoE
+        band = make_band(preset, start, mid, mid_factor, end, info.moe.defaults.band)
+        out = reconfigure(model, band=band)
+        config = moe_info(out).config
+        aset = info.moe.sets[info.set_name]
+        router = LearnedRouter.from_state_dict(aset.router) if aset.router is not None else None
+        names = info.moe.expert_names
+        boundary = A14B_T2V_BOUNDARY if info.set_name in ("high_noise", "low_noise") else None
+        routing = config.routing
+        title = f"{info.set_name}: " + (routing.describe() if routing is not None else "no routing (experts off)")
+        picture = render_schedule(routing, names, band, steps=preview_steps, shift=preview_shift,
+                                  ema_beta=config.ema_beta, router=router, boundary=boundary, title=title)
+        image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
+        ts = [i / (UI_GRID - 1) for i in range(UI_GRID)]
+        raw_vs_t, _ = gates_vs_t(routing, names, ALWAYS_ON, ts, router)
+        steps = gates_vs_steps(routing, names, band, flow_sigmas(preview_steps, preview_shift), config.ema_beta,
+                               router)
+        data = {"experts": list(names), "band": band.to_json(), "band_text": band.describe(),
+                "ema_beta": config.ema_beta, "set": info.set_name, "boundary": boundary,
+                "routing": routing.describe() if routing is not None else None,
+                "raw_vs_t": raw_vs_t, "step_gates": [s.gates for s in steps]}
+        # The picture is saved like a preview image, but under its own key: the web extension draws the same
+        # schedule live on the node, so the front end need not show it twice. API users find it in /history.
+        picture_file = ui.PreviewImage(image, cls=cls).as_dict()["images"]
+        return io.NodeOutput(out, ui={"wlm_schedule": [data], "wlm_schedule_image": picture_file,
+                                      "text": [band.describe()]})

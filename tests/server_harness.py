@@ -1,0 +1,429 @@
+"""A real ComfyUI server for the end-to-end and browser tests, on tiny random models.
+
+``ComfyServer.start()`` builds a temporary ComfyUI base directory::
+
+    <tmp>/custom_nodes/ComfyUI-WanLoRAMoE -> this repo (symlink)
+    <tmp>/custom_nodes/wlm_test_text_encode/__init__.py   fixture node standing in for the text encoder
+    <tmp>/models/diffusion_models/tiny_wan_{high,low}_noise.safetensors   tiny WAN DiTs (seeds 0 and 1)
+    <tmp>/models/lora_moe/tiny_a14b.safetensors           high_noise + low_noise sets, fingerprints, routers
+    <tmp>/models/lora_moe/{tiny_single,broken_header,truncated}.safetensors   for the error tests
+    <tmp>/models/vae/wan21_vae_random.safetensors         the real WAN 2.1 VAE architecture, random weights
+
+and runs ``python main.py --cpu --listen 127.0.0.1 --port <free> --base-directory <tmp>
+--disable-auto-launch --database-url sqlite:///:memory:`` from the ComfyUI checkout, in its own process
+group, killed when the test process dies (PR_SET_PDEATHSIG) and always stopped by ``stop()``.
+
+One server is shared by every test module of a pytest session (``shared_server()``, reference counted),
+because starting ComfyUI costs ~10-20 s on two cores.
+
+``api_prompt(workflow, object_info, name)`` turns a bundled UI workflow into the API prompt the tests
+post, with every test-only change listed in ``OVERRIDES`` (tiny sizes and steps, tiny model files, the
+fixture text encoder in place of CLIPLoader + CLIPTextEncode).
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+import pack_fixtures
+import ui_to_api
+import wan_fixtures
+from moe_core.comfy_runtime import find_comfyui
+from moe_core.patch import model_fingerprint
+
+REPO_ROOT = pack_fixtures.REPO_ROOT
+PACK_DIR = pack_fixtures.PACK_DIR_NAME
+WORKFLOW_DIR = REPO_ROOT / "workflows"
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+FIXTURE_CACHE = Path(os.environ.get("WLM_FIXTURE_CACHE", Path.home() / ".cache" / "comfyui-wanloramoe" / "fixtures"))
+
+TINY_HIGH = "tiny_wan_high_noise.safetensors"
+TINY_LOW = "tiny_wan_low_noise.safetensors"
+TINY_MOE = "tiny_a14b.safetensors"
+TINY_SINGLE = "tiny_single.safetensors"
+BROKEN_HEADER = "broken_header.safetensors"
+TRUNCATED = "truncated.safetensors"
+TINY_VAE = "wan21_vae_random.safetensors"
+FIXTURE_ENCODER = "WLMTestTextEncode"
+
+# Test sizes: 32x32 pixels (16x16 per tile for the six-render comparison sheet: the real-size WAN VAE
+# decodes a 32x32 clip in ~2 s on one CPU core), 5 frames (2 latent frames), 4 steps split 2 + 2.
+TEST_WIDTH, TEST_HEIGHT, TEST_LENGTH, TEST_STEPS, TEST_SPLIT = 32, 32, 5, 4, 2
+SHEET_TILE = 16
+
+
+def test_size(name: str) -> tuple[int, int]:
+    return (SHEET_TILE, SHEET_TILE) if "sheet" in name else (TEST_WIDTH, TEST_HEIGHT)
+
+# A returning user's front-end settings: no first-run template dialog, no version check (offline), and
+# canvas navigation settings already migrated (front end 1.27.10 throws while migrating them on a first run).
+FRONTEND_SETTINGS = {
+    "Comfy.TutorialCompleted": True,
+    "Comfy.Notification.ShowVersionUpdates": False,
+    "Comfy.Canvas.NavigationMode": "legacy",
+    "Comfy.Canvas.LeftMouseClickBehavior": "panning",
+    "Comfy.Canvas.MouseWheelScroll": "zoom",
+    "LiteGraph.Canvas.MinFontSizeForLOD": 1,  # draw text at any zoom (screenshots of whole workflows)
+    "Comfy.Minimap.Visible": False,
+    "Comfy.Graph.CanvasInfo": False,
+}
+
+FIXTURE_NODE = '''"""Test fixture: stands in for CLIPLoader + CLIPTextEncode (UMT5-XXL is far too large for the tests).
+CONDITIONING [[randn(1, 8, 4096), {}]] seeded from the text, so equal prompts give equal conditioning."""
+import hashlib
+
+import torch
+
+
+class WLMTestTextEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    def encode(self, text):
+        seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") % (2 ** 63)
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, 8, 4096, generator=g), {}]],)
+
+
+NODE_CLASS_MAPPINGS = {"WLMTestTextEncode": WLMTestTextEncode}
+'''
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+def wan21_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The WAN 2.1 VAE (dim 96, z_dim 16: what ``comfy.sd.VAE`` builds for these keys) with seeded weights."""
+    import comfy.ldm.wan.vae
+
+    vae = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True], dropout=0.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                fan_in = max(1, p[0].numel()) if p.ndim > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()}
+
+
+def cached_vae_file() -> Path:
+    """The random VAE as .safetensors, built once per machine (~250 MB, float16) and reused."""
+    path = FIXTURE_CACHE / "wan21_vae_random_seed0_v1.safetensors"
+    if not path.exists():
+        FIXTURE_CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(wan21_vae_state_dict(0), str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
+def write_models(models: Path) -> None:
+    """Tiny DiTs, LoRA-MoE files (good and broken) and the random VAE under a ComfyUI models/ folder."""
+    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    (models / "lora_moe").mkdir(parents=True, exist_ok=True)
+    (models / "vae").mkdir(parents=True, exist_ok=True)
+    fingerprints = {}
+    for seed, name, set_name in ((0, TINY_HIGH, "high_noise"), (1, TINY_LOW, "low_noise")):
+        sd = wan_fixtures.tiny_wan_state_dict(seed)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(models / "diffusion_models" / name))
+        fingerprints[set_name] = model_fingerprint(wan_fixtures.load_tiny_wan(sd))
+    pack_fixtures.write_moe(pack_fixtures.tiny_a14b_moe(fingerprints), models / "lora_moe" / TINY_MOE)
+    pack_fixtures.write_moe(pack_fixtures.tiny_single_moe(), models / "lora_moe" / TINY_SINGLE)
+    (models / "lora_moe" / BROKEN_HEADER).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    good = (models / "lora_moe" / TINY_MOE).read_bytes()
+    (models / "lora_moe" / TRUNCATED).write_bytes(good[: len(good) // 2])
+    vae, dst = cached_vae_file(), models / "vae" / TINY_VAE
+    if not dst.exists():
+        try:
+            os.link(vae, dst)
+        except OSError:
+            shutil.copyfile(vae, dst)
+
+
+# --------------------------------------------------------------------------------------------- server
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child before exec
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class ComfyServer:
+    def __init__(self, base: Path | None = None):
+        self.base = Path(base or tempfile.mkdtemp(prefix="wlm-comfy-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.base / "server.log"
+        self.startup_s: float | None = None
+        self._object_info: dict | None = None
+
+    # -- lifecycle
+    def prepare(self) -> None:
+        if (self.base / ".prepared").exists():
+            return
+        custom = self.base / "custom_nodes"
+        custom.mkdir(parents=True, exist_ok=True)
+        link = custom / PACK_DIR
+        if not link.exists():
+            link.symlink_to(REPO_ROOT, target_is_directory=True)
+        fixture = custom / "wlm_test_text_encode"
+        fixture.mkdir(exist_ok=True)
+        (fixture / "__init__.py").write_text(FIXTURE_NODE)
+        write_models(self.base / "models")
+        user = self.base / "user" / "default"
+        for d in ("workflows", "subgraphs"):
+            (user / d).mkdir(parents=True, exist_ok=True)
+        (user / "user.css").write_text("/* test profile */\n")
+        (user / "comfy.templates.json").write_text("[]\n")  # saved node templates: none
+        (user / "comfy.settings.json").write_text(json.dumps(FRONTEND_SETTINGS, indent=1))
+        (self.base / ".prepared").touch()
+
+    def start(self, timeout: float = 180.0) -> "ComfyServer":
+        self.prepare()
+        comfy = find_comfyui()
+        cmd = [sys.executable, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+        # Tiny models: one intra-op thread is faster, above all on a busy 2-core machine (see conftest.py).
+        env.setdefault("OMP_NUM_THREADS", os.environ.get("WLM_TEST_THREADS", "1"))
+        env.pop("COMFYUI_PATH", None)
+        t0 = time.monotonic()
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=self.base, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent)
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise ServerError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if self.get("/system_stats", timeout=2)[0] == 200:
+                    self.startup_s = time.monotonic() - t0
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"ComfyUI did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if os.environ.get("WLM_KEEP_SERVER_DIR"):
+            return
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def log_tail(self, n: int = 80) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- HTTP
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw, status = r.read(), r.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def get(self, path: str, timeout: float = 30) -> tuple[int, Any]:
+        return self.request("GET", path, timeout=timeout)
+
+    def object_info(self) -> dict:
+        if self._object_info is None:
+            status, info = self.get("/object_info", timeout=60)
+            assert status == 200, info
+            self._object_info = info
+        return self._object_info
+
+    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
+        return self.request("POST", "/prompt", {"prompt": prompt, "client_id": "wlm-tests"})
+
+    def wait(self, prompt_id: str, timeout: float = 240) -> dict:
+        """The /history entry of a prompt once it has finished (success or error)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if not self.alive():
+                raise ServerError(f"server died while running {prompt_id}:\n{self.log_tail()}")
+            status, hist = self.get(f"/history/{prompt_id}")
+            if status == 200 and prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                entry = hist[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.25)
+        raise ServerError(f"prompt {prompt_id} did not finish within {timeout}s:\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = 240) -> dict:
+        status, body = self.post_prompt(prompt)
+        if status != 200:
+            raise ServerError(f"prompt refused ({status}): {json.dumps(body, ensure_ascii=False)[:3000]}")
+        return self.wait(body["prompt_id"], timeout)
+
+
+_shared: ComfyServer | None = None
+_shared_users = 0
+_shared_lock = threading.Lock()
+
+
+def shared_server() -> ComfyServer:
+    """The session's server, started on first use; pair every call with ``release_shared_server()``."""
+    global _shared, _shared_users
+    with _shared_lock:
+        if _shared is None or not _shared.alive():
+            _shared = ComfyServer().start()
+            atexit.register(_shared.cleanup)
+        _shared_users += 1
+        return _shared
+
+
+def release_shared_server() -> None:
+    global _shared, _shared_users
+    with _shared_lock:
+        _shared_users -= 1
+        if _shared_users <= 0 and _shared is not None:
+            _shared.cleanup()
+            _shared = None
+            _shared_users = 0
+
+
+# --------------------------------------------------------------------------------- workflows -> API
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOW_DIR / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def workflow_names() -> list[str]:
+    return sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
+
+
+def _override(node_id: str, node: dict, name: str, changes: list[str]) -> dict | None:
+    """Apply the test overrides to one API node (returns None to drop it). Every change is logged in `changes`."""
+    kind, inputs = node["class_type"], node["inputs"]
+
+    def setv(key: str, value: Any) -> None:
+        if inputs.get(key) != value:
+            changes.append(f"{node_id} {kind}.{key}: {inputs.get(key)!r} -> {value!r}")
+            inputs[key] = value
+
+    if kind == "CLIPLoader":
+        changes.append(f"{node_id} CLIPLoader: dropped (UMT5-XXL replaced by the fixture encoder)")
+        return None
+    if kind == "CLIPTextEncode":
+        changes.append(f"{node_id} CLIPTextEncode -> {FIXTURE_ENCODER} (same text, no clip input)")
+        return {"class_type": FIXTURE_ENCODER, "inputs": {"text": inputs["text"]}, "_meta": node.get("_meta", {})}
+    if kind == "UNETLoader":
+        setv("unet_name", TINY_HIGH if "high" in inputs["unet_name"] else TINY_LOW)
+    elif kind == "VAELoader":
+        setv("vae_name", TINY_VAE)
+    elif kind == "WanLoRAMoE_LoadLoRAMoE":
+        setv("lora_moe", TINY_MOE)
+    elif kind == "EmptyHunyuanLatentVideo":
+        width, height = test_size(name)
+        setv("width", width)
+        setv("height", height)
+        setv("length", TEST_LENGTH)
+    elif kind == "KSamplerAdvanced":
+        steps = inputs["steps"]
+        setv("steps", TEST_STEPS)
+        for key in ("start_at_step", "end_at_step"):
+            if 0 < inputs[key] < steps:  # the split step, scaled to the test's steps
+                setv(key, TEST_SPLIT)
+    elif kind == "WanLoRAMoE_TimestepBand":
+        setv("preview_steps", TEST_STEPS)
+    elif kind == "SaveVideo":
+        setv("filename_prefix", f"video/test_{name}")
+    return node
+
+
+def api_prompt(workflow: dict, object_info: dict, name: str) -> tuple[dict, list[str]]:
+    """(API prompt for the test server, list of the overrides applied)."""
+    prompt = ui_to_api.convert(workflow, object_info)
+    changes: list[str] = []
+    out = {}
+    for nid, node in prompt.items():
+        new = _override(nid, node, name, changes)
+        if new is not None:
+            out[nid] = new
+    for nid, node in out.items():  # nothing may still point at a dropped node
+        for key, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] not in out:
+                raise AssertionError(f"{nid}.{key} links to dropped node {value[0]}")
+    return out, changes
+
+
+def output_files(entry: dict, base: Path) -> list[Path]:
+    """Files a finished prompt wrote, from its /history outputs."""
+    files = []
+    for out in entry.get("outputs", {}).values():
+        for item in out.get("images", []) + out.get("videos", []) + out.get("gifs", []):
+            if item.get("type") == "output":
+                files.append(base / "output" / item.get("subfolder", "") / item["filename"])
+    return files
+
+
+def prompt_hash(prompt: dict) -> str:
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,326 @@
+"""End to end on a real ComfyUI server (``main.py --cpu``, loopback, temporary base directory with this pack in
+custom_nodes/): node definitions, served workflows and web files, every bundled workflow run on tiny random
+models to an mp4, bad inputs answered as node errors, the pack's HTTP routes, and no model left patched.
+
+The server is shared with test_browser.py (``server_harness.shared_server``). The bundled workflows are
+converted from UI to API format with tests/ui_to_api.py (checked against the front end's own conversion
+in test_browser.py); ``server_harness.api_prompt`` lists every test-only override (tiny sizes, steps and
+model files, the fixture text encoder).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.parse
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+import server_harness as H
+
+PACK = H.PACK_DIR
+NODES = {
+    "WanLoRAMoE_LoadLoRAMoE": ("Load LoRA-MoE", ["model", "lora_moe", "adapter_set", "alpha_base", "alpha_expert"],
+                               ["routing", "uncond"]),
+    "WanLoRAMoE_PromptRouter": ("Prompt→Instrument Router", ["prompt", "mode", "top_k", "temperature"],
+                                ["no_instrument"]),
+    "WanLoRAMoE_GateOverride": ("Gate Override", ["instrument", "scissors", "hook_electrocautery", "suction", "other"],
+                                ["routing"]),
+    "WanLoRAMoE_TimestepBand": ("Timestep Band", ["model", "preset", "start", "mid", "mid_factor", "end",
+                                                  "preview_steps", "preview_shift"], []),
+}
+A14B, OVERRIDE, SHEET = ("wan22_a14b_t2v_lora_moe", "wan22_a14b_t2v_lora_moe_gate_override",
+                         "wan22_a14b_lora_moe_comparison_sheet")
+TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = H.shared_server()
+    TIMINGS["server_startup_s"] = s.startup_s or 0.0
+    yield s
+    H.ARTIFACTS.mkdir(exist_ok=True)
+    (H.ARTIFACTS / "server_timings.json").write_text(json.dumps(TIMINGS, indent=1))
+    H.release_shared_server()
+
+
+def read_mp4(path) -> tuple[dict, np.ndarray]:
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    w, h = meta["size"]
+    frames = np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader])
+    return meta, frames
+
+
+def run_workflow(server, name: str, tweak=None) -> tuple[dict, dict, list[str]]:
+    prompt, changes = H.api_prompt(H.load_workflow(name), server.object_info(), name)
+    if tweak:
+        tweak(prompt)
+    t0 = time.monotonic()
+    entry = server.run(prompt)
+    TIMINGS[f"run_{name}_s"] = round(time.monotonic() - t0, 2)
+    return entry, prompt, changes
+
+
+def nodes_of(prompt: dict, class_type: str) -> list[str]:
+    return [k for k, v in prompt.items() if v["class_type"] == class_type]
+
+
+def error_of(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    return next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+
+
+# ------------------------------------------------------------------------------------- what ComfyUI sees
+
+def test_object_info_lists_the_four_nodes(server):
+    info = server.object_info()
+    for node_id, (display, required, optional) in NODES.items():
+        assert node_id in info, f"{node_id} missing from /object_info"
+        d = info[node_id]
+        assert d["display_name"] == display and d["category"] == "WAN LoRA-MoE"
+        assert d["input_order"]["required"] == required
+        assert d["input_order"].get("optional", []) == optional
+        for section in ("required", "optional"):
+            for name, spec in d["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert d["python_module"] == f"custom_nodes.{PACK}"
+    assert info["WanLoRAMoE_LoadLoRAMoE"]["input"]["required"]["lora_moe"][1]["options"] == [
+        H.BROKEN_HEADER, H.TINY_MOE, H.TINY_SINGLE, H.TRUNCATED]
+    assert info["WanLoRAMoE_LoadLoRAMoE"]["input"]["optional"]["routing"][0] == "LORA_MOE_ROUTING"
+    assert info["WanLoRAMoE_PromptRouter"]["output"] == ["LORA_MOE_ROUTING", "STRING"]
+
+
+def test_workflows_and_web_files_are_served(server):
+    status, listing = server.get("/workflow_templates")
+    assert status == 200 and sorted(listing[PACK]) == H.workflow_names() == sorted([A14B, OVERRIDE, SHEET])
+    for name in H.workflow_names():
+        status, served = server.get(f"/api/workflow_templates/{urllib.parse.quote(PACK)}/{name}.json")
+        assert status == 200 and served == H.load_workflow(name)
+    status, extensions = server.get("/extensions")
+    assert f"/extensions/{PACK}/wan_lora_moe.js" in extensions and f"/extensions/{PACK}/schedule.js" in extensions
+    status, _ = server.get(f"/extensions/{PACK}/wan_lora_moe.js")
+    assert status == 200
+    status, _ = server.get(f"/extensions/{PACK}/../__init__.py")
+    assert status in (403, 404)
+
+
+# ------------------------------------------------------------------------------------ bundled workflows
+
+def test_a14b_workflow_renders_an_mp4(server):
+    entry, prompt, changes = run_workflow(server, A14B)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert any("CLIPTextEncode -> WLMTestTextEncode" in c for c in changes)
+    files = H.output_files(entry, server.base)
+    assert len(files) == 1 and files[0].suffix == ".mp4" and files[0].is_file()
+    meta, frames = read_mp4(files[0])
+    assert meta["size"] == (H.TEST_WIDTH, H.TEST_HEIGHT) and meta["fps"] == 16.0
+    assert frames.shape == (H.TEST_LENGTH, H.TEST_HEIGHT, H.TEST_WIDTH, 3) and frames.std() > 1.0
+    router = entry["outputs"][nodes_of(prompt, "WanLoRAMoE_PromptRouter")[0]]["wlm_routing"][0]
+    assert router["detected"] == ["Hook/Electrocautery", "Suction"]
+    for nid in nodes_of(prompt, "WanLoRAMoE_LoadLoRAMoE"):
+        text = entry["outputs"][nid]["text"][0]
+        assert H.TINY_MOE in text and "Hook/Electrocautery 0.50" in text
+    bands = [entry["outputs"][nid] for nid in nodes_of(prompt, "WanLoRAMoE_TimestepBand")]
+    assert {b["wlm_schedule"][0]["set"] for b in bands} == {"high_noise", "low_noise"}
+    for b in bands:
+        picture = b["wlm_schedule_image"][0]
+        assert (server.base / "temp" / picture["filename"]).is_file()
+        status, _ = server.get(f"/view?filename={picture['filename']}&type=temp")
+        assert status == 200
+
+
+def test_gate_override_workflow_renders_an_mp4(server):
+    entry, prompt, _ = run_workflow(server, OVERRIDE)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    override = entry["outputs"][nodes_of(prompt, "WanLoRAMoE_GateOverride")[0]]["wlm_routing"][0]
+    assert override["gates"] == {"Scissors": 0.0, "Hook/Electrocautery": 0.0, "Suction": 1.0, "Other": 0.0}
+    meta, frames = read_mp4(H.output_files(entry, server.base)[0])
+    assert meta["size"] == (H.TEST_WIDTH, H.TEST_HEIGHT) and frames.shape[0] == H.TEST_LENGTH
+
+
+def test_comparison_sheet_renders_six_different_tiles(server):
+    entry, prompt, _ = run_workflow(server, SHEET)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(nodes_of(prompt, "WanLoRAMoE_LoadLoRAMoE")) == 12
+    meta, frames = read_mp4(H.output_files(entry, server.base)[0])
+    w, h = H.test_size(SHEET)
+    assert meta["size"] == (3 * w, 2 * h) and meta["fps"] == 16.0 and frames.shape[0] == H.TEST_LENGTH
+    tiles = [frames[:, r * h:(r + 1) * h, c * w:(c + 1) * w].astype(float) for r in range(2) for c in range(3)]
+    for i in range(6):
+        for j in range(i + 1, 6):
+            assert np.abs(tiles[i] - tiles[j]).mean() > 0.5, f"tiles {i} and {j} are the same render"
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+def _base_prompt(server, name=A14B):
+    return H.api_prompt(H.load_workflow(name), server.object_info(), name)[0]
+
+
+def _set(prompt: dict, class_type: str, **inputs) -> dict:
+    p = copy.deepcopy(prompt)
+    for nid in nodes_of(p, class_type):
+        p[nid]["inputs"].update(inputs)
+    return p
+
+
+def test_bad_inputs_come_back_as_node_errors(server):
+    base = _base_prompt(server)
+    load_ids = set(nodes_of(base, "WanLoRAMoE_LoadLoRAMoE"))
+    refused = {
+        "path traversal": (_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe="../../../etc/passwd"), load_ids,
+                           "not in ComfyUI's 'lora_moe' or 'loras' model folders"),
+        "absolute path": (_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe="/etc/passwd"), load_ids, "not in ComfyUI's"),
+        "broken header": (_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.BROKEN_HEADER), load_ids, H.BROKEN_HEADER),
+        "bad adapter set": (_set(base, "WanLoRAMoE_LoadLoRAMoE", adapter_set="medium-noise"), load_ids,
+                            "adapter_set: 'medium-noise' is not one of"),
+        "bad uncond": (_set(base, "WanLoRAMoE_LoadLoRAMoE", uncond="never"), load_ids, "uncond: 'never'"),
+        "bad band preset": (_set(base, "WanLoRAMoE_TimestepBand", preset="sometimes"),
+                            set(nodes_of(base, "WanLoRAMoE_TimestepBand")), "preset: 'sometimes'"),
+        "alpha out of range": (_set(base, "WanLoRAMoE_LoadLoRAMoE", alpha_base=-1.0), load_ids, "smaller than min"),
+        "band start > mid": (_set(base, "WanLoRAMoE_TimestepBand", start=0.7, mid=0.5),
+                             set(nodes_of(base, "WanLoRAMoE_TimestepBand")), "start <= mid"),
+        "unknown router mode": (_set(base, "WanLoRAMoE_PromptRouter", mode="psychic"),
+                                set(nodes_of(base, "WanLoRAMoE_PromptRouter")), "mode: 'psychic' is not one of"),
+    }
+    over = _base_prompt(server, OVERRIDE)
+    refused["all-zero gates"] = (_set(over, "WanLoRAMoE_GateOverride", instrument="by weights", scissors=0.0,
+                                      hook_electrocautery=0.0, suction=0.0, other=0.0),
+                                 set(nodes_of(over, "WanLoRAMoE_GateOverride")), "all gate weights are zero")
+    refused["negative gate"] = (_set(over, "WanLoRAMoE_GateOverride", instrument="by weights", scissors=-0.5),
+                                set(nodes_of(over, "WanLoRAMoE_GateOverride")), ">= 0")
+    refused["unknown instrument"] = (_set(over, "WanLoRAMoE_GateOverride", instrument="Stapler"),
+                                     set(nodes_of(over, "WanLoRAMoE_GateOverride")), "instrument: 'Stapler'")
+    for case, (prompt, node_ids, message) in refused.items():
+        status, body = server.post_prompt(prompt)
+        assert status == 400, f"{case}: expected HTTP 400, got {status}: {body}"
+        errors = body.get("node_errors", {})
+        assert node_ids <= set(errors), f"{case}: node_errors for {sorted(errors)}, expected {sorted(node_ids)}"
+        text = json.dumps([errors[n] for n in node_ids], ensure_ascii=False)
+        assert message in text, f"{case}: {message!r} not in {text[:800]}"
+    assert server.alive()
+
+
+def test_failures_while_running_are_node_errors_and_the_server_keeps_serving(server):
+    base = _base_prompt(server)
+    load_ids = nodes_of(base, "WanLoRAMoE_LoadLoRAMoE")
+    failing = {
+        "truncated file": (_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.TRUNCATED), load_ids,
+                           "not a readable safetensors file"),
+        "set missing from file": (_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.TINY_SINGLE), load_ids,
+                                  "has no 'high_noise' adapter set"),
+        "empty prompt": (_set(base, "PrimitiveStringMultiline", value="   "),
+                         nodes_of(base, "WanLoRAMoE_PromptRouter"), "the prompt is empty"),
+    }
+    for case, (prompt, node_ids, message) in failing.items():
+        entry = server.run(prompt)
+        err = error_of(entry)
+        assert err["node_id"] in node_ids, f"{case}: error on node {err['node_id']} ({err['node_type']})"
+        assert message in err["exception_message"], f"{case}: {err['exception_message']}"
+        assert server.alive(), case
+    # ... and the next good prompt runs: the file's learned routers this time (the tiny file has them) and a
+    # new seed, so that nothing is served from the cache.
+    good = _set(_set(base, "KSamplerAdvanced", noise_seed=424242), "WanLoRAMoE_PromptRouter", mode="learned-from-file")
+    entry = server.run(good)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    for nid in load_ids:
+        assert "[learned]" in entry["outputs"][nid]["text"][0]
+
+
+def _with_saved_latent(prompt: dict, prefix: str) -> dict:
+    """The prompt plus a SaveLatent of the final sampler's output (what VAEDecode decodes)."""
+    p = copy.deepcopy(prompt)
+    decode = nodes_of(p, "VAEDecode")[0]
+    p["wlm_save_latent"] = {"class_type": "SaveLatent",
+                            "inputs": {"samples": p[decode]["inputs"]["samples"], "filename_prefix": prefix}}
+    return p
+
+
+def _saved_latent(entry: dict, server) -> "torch.Tensor":
+    import safetensors.torch
+
+    item = entry["outputs"]["wlm_save_latent"]["latents"][0]
+    path = server.base / "output" / item.get("subfolder", "") / item["filename"]
+    return safetensors.torch.load_file(str(path))["latent_tensor"]
+
+
+def test_no_model_is_left_patched(server):
+    """A plain A14B run (the pack's nodes bypassed) gives the same latent before and after LoRA-MoE runs,
+    successful and failed, on the same loaded models: ComfyUI's patch/unpatch cycle removes everything the
+    pack installs. Latents, not videos, are compared: ComfyUI's WAN VAE decode of one latent is not always
+    bit-identical across runs of one server (measured: the same latent decoded after the comparison sheet
+    differed by 1.3/255 on average), while sampling is."""
+    import torch
+
+    base = _base_prompt(server)
+    plain = copy.deepcopy(base)
+    for kind in ("WanLoRAMoE_TimestepBand", "WanLoRAMoE_LoadLoRAMoE"):  # bypass the pack's nodes
+        for nid in nodes_of(plain, kind):
+            upstream = plain[nid]["inputs"]["model"]
+            for node in plain.values():
+                for key, value in node["inputs"].items():
+                    if value == [nid, 0]:
+                        node["inputs"][key] = upstream
+            del plain[nid]
+    for nid in nodes_of(plain, "WanLoRAMoE_PromptRouter"):
+        del plain[nid]
+    first = server.run(_with_saved_latent(_set(plain, "SaveVideo", filename_prefix="video/plain_before"),
+                                          "latents/plain_before"))
+    assert first["status"]["status_str"] == "success", first["status"]
+    # A patched run on the same loaded models and seed (alpha_base 0.71 so that it is not served from the
+    # cache), then a failing one.
+    patched = server.run(_with_saved_latent(_set(_set(base, "WanLoRAMoE_LoadLoRAMoE", alpha_base=0.71),
+                                                 "SaveVideo", filename_prefix="video/patched_between"),
+                                            "latents/patched_between"))
+    assert patched["status"]["status_str"] == "success", patched["status"]
+    server.run(_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.TRUNCATED))
+    # Same plain graph, with one more (idempotent) ModelSamplingSD3 per DiT so that nothing comes from cache.
+    again = copy.deepcopy(plain)
+    for nid in nodes_of(plain, "ModelSamplingSD3"):
+        extra = f"{nid}_again"
+        again[extra] = copy.deepcopy(plain[nid])
+        again[nid]["inputs"]["model"] = [extra, 0]
+    second = server.run(_with_saved_latent(_set(again, "SaveVideo", filename_prefix="video/plain_after"),
+                                           "latents/plain_after"))
+    assert second["status"]["status_str"] == "success", second["status"]
+    a, b, p = (_saved_latent(e, server) for e in (first, second, patched))
+    lora_effect = float((a - p).abs().mean())
+    assert lora_effect > 1e-3, f"the LoRA-MoE run should change the latent (mean |diff| {lora_effect:.2e})"
+    assert torch.equal(a, b), f"plain latent changed after LoRA-MoE runs: max |diff| {float((a - b).abs().max()):.3e}"
+    TIMINGS["lora_moe_effect_on_latent_mean_abs"] = round(lora_effect, 5)
+
+
+# -------------------------------------------------------------------------------------- the pack's routes
+
+def test_routes_validate_their_input(server):
+    q = urllib.parse.quote
+    status, body = server.get(f"/wan_lora_moe/route?prompt={q('电凝钩切割组织。吸引吸血。')}&top_k=2")
+    assert status == 200 and body["detected"] == ["Hook/Electrocautery", "Suction"]
+    status, body = server.get(f"/api/wan_lora_moe/route?prompt={q('剪刀')}&top_k=1&temperature=0.5")
+    assert status == 200 and body["gates"]["Scissors"] > 0.99
+    for bad in ("top_k=abc", "top_k=0", "temperature=-1", "temperature=inf", "no_instrument=..%2F"):
+        status, body = server.get(f"/wan_lora_moe/route?prompt=hook&{bad}")
+        assert status == 400 and "error" in body, bad
+    status, body = server.request("POST", "/wan_lora_moe/route", {"prompt": "电凝钩" * 2000, "top_k": 2})
+    assert status == 200 and body["detected"] == ["Hook/Electrocautery"], "long prompts go by POST"
+    for bad in ({"prompt": "x" * 25000}, {"prompt": ["hook"]}, ["hook"], {"prompt": "hook", "top_k": "2; rm"}):
+        status, body = server.request("POST", "/wan_lora_moe/route", bad)
+        assert status == 400 and "error" in body, str(bad)[:60]
+    status, files = server.get("/wan_lora_moe/files")
+    assert status == 200 and H.TINY_MOE in files and all("/" not in f and "\\" not in f for f in files)
+    status, info = server.get(f"/wan_lora_moe/file_info?name={H.TINY_MOE}")
+    assert status == 200 and set(info["sets"]) == {"high_noise", "low_noise"} and info["expert_names"][0] == "Scissors"
+    assert "path" not in json.dumps(info).lower()
+    for evil in ("../../../etc/passwd", "/etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e/%2e%2e/etc/passwd",
+                 f"..%2Fvae%2F{H.TINY_VAE}", f"../custom_nodes/{PACK}/__init__.py"):
+        status, body = server.get(f"/wan_lora_moe/file_info?name={evil}")
+        assert status == 404 and "unknown" in body["error"], evil
+    status, body = server.get("/wan_lora_moe/file_info?name=a%00b")
+    assert status == 400
+    status, body = server.get("/wan_lora_moe/file_info")
+    assert status == 400
+    status, body = server.get(f"/wan_lora_moe/file_info?name={H.BROKEN_HEADER}")
+    assert status == 422 and "/" not in body["error"]
