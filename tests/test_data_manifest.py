@@ -107,7 +107,7 @@ def test_write_roundtrip_is_atomic_and_relative(tmp_path, monkeypatch):
            [(r.video_path, r.caption, r.roi_boxes, r.instrument_label) for r in records]
 
     # a failure while writing leaves the previous manifest untouched and no temporary file behind
-    import training.data.atomic as atomic
+    import moe_core.atomic as atomic
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

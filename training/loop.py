@@ -42,7 +42,7 @@ import torch
 from moe_core.checkpoint import LoraMoE, load_lora_moe, save_lora_moe
 from moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 
-from .data.atomic import atomic_path, atomic_write_text
+from moe_core.atomic import atomic_path, atomic_write_text
 from .models import DiTSet, TrainableDiT
 from .objective import TimestepSampler, noisy_input, per_sample_loss, roi_weights
 

@@ -272,7 +272,7 @@ def run_stage1(cfg, resume: str | None = None, overwrite: bool = False, encoders
     import torch
 
     from .config import to_toml
-    from .data.atomic import atomic_write_text
+    from moe_core.atomic import atomic_write_text
 
     setup = setup_stage1(cfg, resume, overwrite, encoders, callbacks, log_fn)
     cfg, trainer, dist, say = setup.cfg, setup.trainer, setup.dist, setup.say

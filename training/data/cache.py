@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from moe_core.atomic import atomic_path
 from .labels import ClipLabel, LabelReport
 from .manifest import ClipRecord
 from .video_io import ClipWindow, ExtractionConfig, VideoReadError, frames_to_tensor, load_clip

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 
-from .atomic import atomic_write_text
+from moe_core.atomic import atomic_write_text
 
 REQUIRED_FIELDS = ("video_path", "caption", "duration", "source")
 OPTIONAL_FIELDS = ("instrument_label", "roi_boxes", "roi_mask", "fps", "num_frames")

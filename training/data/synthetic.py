@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_write_text
+from moe_core.atomic import atomic_write_text
 from .manifest import write_manifest
 from .video_io import write_video
 

@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
+from moe_core.atomic import atomic_path
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 ExtractionMode = Literal["head", "uniform", "sliding"]

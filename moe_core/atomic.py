@@ -1,8 +1,9 @@
 """Atomic file writes: a temporary file in the destination folder, then ``os.replace``.
 
-Manifests and cache files are read by later runs that trust what they find. Writing them in place would
-leave a truncated file after a crash or Ctrl-C, which the next run could take for a valid one. ``os.replace``
-within one folder is atomic on POSIX and Windows, so readers see either the old file or the complete new one.
+Checkpoints, LoRA-MoE files, manifests and cache files are read by later runs (and by ComfyUI) that trust
+what they find. Writing them in place would leave a truncated file after a crash or Ctrl-C, which the next
+run could take for a valid one. ``os.replace`` within one folder is atomic on POSIX and Windows, so readers
+see either the old file or the complete new one.
 """
 from __future__ import annotations
 
