@@ -194,8 +194,21 @@ def load_lora_moe(path: str | os.PathLike) -> LoraMoE:
     return from_state_dict(tensors, header, source=str(path))
 
 
-def from_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], source: str = "<memory>") -> LoraMoE:
-    src = source
+def read_lora_moe_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The `lora_moe` metadata of a file, from its header alone (no tensor is read): for listing files."""
+    p = Path(path)
+    if not p.is_file():
+        raise LoraMoEFormatError(f"{p}: file not found")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoraMoEFormatError(
+            f"{p}: not a readable safetensors file (truncated, corrupt or another format): {e}") from e
+    return _metadata(header, str(p))
+
+
+def _metadata(header: dict[str, str], src: str) -> dict[str, Any]:
     if METADATA_KEY not in header:
         raise LoraMoEFormatError(
             f"{src}: no '{METADATA_KEY}' metadata, so this is not a LoRA-MoE file. A plain LoRA can be "
@@ -204,13 +217,20 @@ def from_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
         meta = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as e:
         raise LoraMoEFormatError(f"{src}: the '{METADATA_KEY}' metadata is not valid JSON: {e}") from e
-    if meta.get("format") != FORMAT_NAME:
-        raise LoraMoEFormatError(f"{src}: metadata format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise LoraMoEFormatError(f"{src}: metadata format is {found!r}, expected {FORMAT_NAME!r}")
     version = meta.get("version")
     if version != FORMAT_VERSION:
         raise LoraMoEFormatError(
             f"{src}: format version {version!r} is not supported (this pack reads version {FORMAT_VERSION}); "
             "update the pack or re-export the file")
+    return meta
+
+
+def from_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], source: str = "<memory>") -> LoraMoE:
+    src = source
+    meta = _metadata(header, src)
     names = meta.get("expert_names")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise LoraMoEFormatError(f"{src}: 'expert_names' must be a non-empty list of names, got {names!r}")

@@ -47,12 +47,14 @@ class Routing:
     def with_uncond(self, uncond: UncondPolicy) -> "Routing":
         return replace(self, uncond=uncond)
 
-    def describe(self) -> str:
-        """One human-readable line: what was detected and the resulting gates."""
-        gates = ", ".join(f"{k} {v:.2f}" for k, v in self.weights.items() if v > 0)
+    def describe(self, gates: dict[str, float] | None = None) -> str:
+        """One human-readable line: what was detected and the gates (the routing's weights if none given)."""
+        gates = self.weights if gates is None else gates
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in gates.items() if v >= 0.005)
         found = ", ".join(self.detected) if self.detected else "none"
-        extra = f" ({self.note})" if self.note else ""
-        return f"[{self.mode}] instruments: {found}{extra} -> gates: {gates or 'all off'}"
+        note = f" ({self.note})" if self.note else ""
+        extra = " (the file's learned router refines these per noise level)" if self.mode == "learned" else ""
+        return f"[{self.mode}] instruments: {found}{note} -> gates: {shown or 'all off'}{extra}"
 
 
 def rule_route(prompt: str, expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES, *,

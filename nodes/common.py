@@ -5,7 +5,6 @@ Imported relatively (``from .common import ...``): inside ComfyUI this package i
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import folder_paths
 from comfy_api.latest import io
 
-from ..moe_core.checkpoint import METADATA_KEY, LoraMoE, load_lora_moe
+from ..moe_core.checkpoint import LoraMoE, LoraMoEFormatError, load_lora_moe, read_lora_moe_metadata
 from ..moe_core.routing import Routing, RoutingError, rule_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_FALLBACK, DEFAULT_INSTRUMENTS
 
@@ -76,15 +75,6 @@ def as_routing_value(value) -> RoutingValue | None:
     raise RoutingError(f"expected a LORA_MOE_ROUTING value, got {type(value).__name__}")
 
 
-def gate_line(routing: Routing, gates: dict[str, float]) -> str:
-    """'[rule] instruments: Hook/Electrocautery, Suction -> gates: Hook/Electrocautery 0.50, Suction 0.50'."""
-    found = ", ".join(routing.detected) if routing.detected else "none"
-    note = f" ({routing.note})" if routing.note else ""
-    shown = ", ".join(f"{k} {v:.2f}" for k, v in gates.items() if v >= 0.005)
-    extra = " (the file's learned router refines these per noise level)" if routing.mode == "learned" else ""
-    return f"[{routing.mode}] instruments: {found}{note} -> gates: {shown or 'all off'}{extra}"
-
-
 def check_choices(**values: tuple[object, list | tuple]) -> str | None:
     """An error message if a combo value is not one of its options, else None.
 
@@ -111,13 +101,9 @@ def instrument_label(name: str) -> str:
 def _is_lora_moe_header(path: str) -> bool:
     """True if a .safetensors file's header carries LoRA-MoE metadata (reads the header only)."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= 100_000_000:
-                return False
-            header = json.loads(f.read(n))
-        return METADATA_KEY in (header.get("__metadata__") or {})
-    except (OSError, ValueError):
+        read_lora_moe_metadata(path)
+        return True
+    except LoraMoEFormatError:
         return False
 
 
@@ -170,25 +156,11 @@ def resolve_lora_moe_file(name: str) -> str:
 def header_summary(path: str) -> dict:
     """Expert names, adapter sets and defaults from a LoRA-MoE file's header, without reading tensors.
 
-    Raises ValueError naming the file (not its directory) for anything that is not a LoRA-MoE header."""
-    name = os.path.basename(path)
+    Raises ValueError naming the file (not its directory: the message reaches the browser)."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= 100_000_000 or n > os.fstat(f.fileno()).st_size - 8:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
-        if raw is None:
-            raise KeyError(METADATA_KEY)
-        meta = json.loads(raw)
-        if not isinstance(meta, dict):
-            raise ValueError("metadata is not an object")
-    except KeyError:
-        raise ValueError(f"{name}: no '{METADATA_KEY}' metadata, so this is not a LoRA-MoE file (a plain LoRA? "
-                         "use ComfyUI's LoraLoader, or build a LoRA-MoE with `python -m moe_core.assemble`)") from None
-    except (ValueError, AttributeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{name}: not a safetensors file or its header is damaged ({e})") from None
+        meta = read_lora_moe_metadata(path)
+    except LoraMoEFormatError as e:
+        raise ValueError(str(e).replace(str(path), os.path.basename(path))) from None
     sets = {}
     for name, s in (meta.get("sets") or {}).items():
         sets[name] = {"modules": len(s.get("modules") or {}), "learned_router": bool(s.get("router_hidden")),
@@ -229,5 +201,5 @@ class _LoraMoECache:
 LORA_MOE_CACHE = _LoraMoECache()
 
 __all__ = ["CATEGORY", "DEFAULT_EXPERT_NAMES", "LORA_MOE_CACHE", "PACK", "RoutingIO", "RoutingValue",
-           "as_routing_value", "check_choices", "gate_line", "header_summary", "instrument_label", "list_lora_moe_files", "node_id",
+           "as_routing_value", "check_choices", "header_summary", "instrument_label", "list_lora_moe_files", "node_id",
            "resolve_lora_moe_file"]

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..moe_core.routing import manual_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES
-from .common import (CATEGORY, RoutingIO, RoutingValue, as_routing_value, check_choices, gate_line, instrument_label,
+from .common import (CATEGORY, RoutingIO, RoutingValue, as_routing_value, check_choices, instrument_label,
                      node_id)
 
 BY_WEIGHTS = "by weights"
@@ -90,5 +90,5 @@ class GateOverride(io.ComfyNode):
         base = as_routing_value(routing)
         fixed = manual_route(weights, base=base.routing if base is not None else None)
         value = RoutingValue(fixed, fallback=base.fallback if base is not None else RoutingValue(fixed).fallback)
-        line = gate_line(fixed, fixed.weights)
+        line = fixed.describe()
         return io.NodeOutput(value, line, ui={"text": [line], "wlm_routing": [dict(value.to_ui(), line=line)]})

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..moe_core.routing import raw_gates, rule_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_FALLBACK, DEFAULT_INSTRUMENTS
-from .common import CATEGORY, RoutingIO, RoutingValue, check_choices, gate_line, node_id
+from .common import CATEGORY, RoutingIO, RoutingValue, check_choices, node_id
 
 #: Combo value -> moe_core router mode.
 MODES = {"rule-based": "rule", "learned-from-file": "learned"}
@@ -67,6 +67,6 @@ class PromptInstrumentRouter(io.ComfyNode):
         if int(top_k) > len(DEFAULT_EXPERT_NAMES):  # a file with more experts decides; keep what was asked
             routing = replace(routing, top_k=int(top_k))
         value = RoutingValue(routing, fallback=no_instrument)
-        line = gate_line(routing, gates)
+        line = routing.describe(gates)
         ui = dict(value.to_ui(), gates=gates, line=line)
         return io.NodeOutput(value, line, ui={"text": [line], "wlm_routing": [ui]})

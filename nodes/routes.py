@@ -19,7 +19,7 @@ from aiohttp import web
 
 from ..moe_core.routing import RoutingError, raw_gates, rule_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_INSTRUMENTS
-from .common import gate_line, header_summary, list_lora_moe_files, resolve_lora_moe_file
+from .common import header_summary, list_lora_moe_files, resolve_lora_moe_file
 from .router import FALLBACKS
 
 PREFIX = "/wan_lora_moe"
@@ -52,7 +52,7 @@ def route_preview(query) -> tuple[dict, int]:
         return {"routing_error": str(e), "detected": [], "gates": {}, "line": str(e)}, 200
     gates = dict(zip(DEFAULT_EXPERT_NAMES, raw_gates(routing, DEFAULT_EXPERT_NAMES, 1.0, None).tolist()))
     return {"detected": list(routing.detected), "gates": gates, "note": routing.note,
-            "line": gate_line(routing, gates)}, 200
+            "line": routing.describe(gates)}, 200
 
 
 def register(routes: web.RouteTableDef) -> None:
