@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=5, help="latent frames")
     ap.add_argument("--height", type=int, default=16, help="latent height")
     ap.add_argument("--width", type=int, default=16, help="latent width")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=12)
     args = ap.parse_args()
     if args.a14b:
         args.dim, args.ffn, args.layers, args.frames, args.height, args.width = 5120, 13824, 40, 21, 60, 104
