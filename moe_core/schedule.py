@@ -18,10 +18,12 @@ from typing import Sequence
 import torch
 
 from .band import TimestepBand
+from .checkpoint import A14B_BOUNDARY
+from .gating import GateConfig, GateController
 from .routing import LearnedRouter, Routing, raw_gates
 
 #: WAN 2.2 A14B text-to-video: the high-noise DiT runs while t >= this, the low-noise DiT below it.
-A14B_T2V_BOUNDARY = 0.875
+A14B_T2V_BOUNDARY = A14B_BOUNDARY
 
 #: Line colours per expert (RGB), in expert order; repeats for more experts.
 EXPERT_COLOURS = ((230, 85, 60), (60, 140, 230), (70, 180, 90), (190, 120, 220), (240, 180, 40), (40, 190, 190))
@@ -90,14 +92,17 @@ def gates_vs_steps(routing: Routing | None, expert_names: Sequence[str], band: T
     if not 0.0 <= ema_beta < 1.0:
         raise ScheduleError(f"ema_beta must be in [0, 1), got {ema_beta}")
     run_sigmas = list(sigmas[:-1]) if len(sigmas) > 1 and float(sigmas[-1]) == 0.0 else list(sigmas)
-    out: list[StepGates] = []
-    ema: torch.Tensor | None = None
+    # the sampler's own controller, stepped through the schedule: the picture cannot drift from sampling
+    ctrl = GateController(expert_names, GateConfig(alpha_base=0.0, alpha_expert=1.0, routing=routing, band=band,
+                                                   ema_beta=ema_beta), router)
     restarts = set(int(s) for s in restart_at)
+    out: list[StepGates] = []
     for i, sigma in enumerate(run_sigmas):
-        raw = _router_gates(routing, expert_names, float(sigma), router)
-        ema = raw if (ema is None or i in restarts) else ema_beta * ema + (1.0 - ema_beta) * raw
-        f = band.factor(float(sigma))
-        out.append(StepGates(i, float(sigma), raw.tolist(), ema.tolist(), f, (ema * f).tolist()))
+        if i in restarts:
+            ctrl.reset()
+        ctrl.gains(torch.tensor([float(sigma)]), None)
+        e = ctrl.trace[-1]
+        out.append(StepGates(i, e["sigma"], e["raw"], e["ema"], e["band"], e["gates"]))
     return out
 
 
