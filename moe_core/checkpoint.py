@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path
 from .band import DEFAULT_BAND, BandError, TimestepBand
-from .vocabulary import DEFAULT_EXPERT_NAMES
 
 FORMAT_NAME = "wan-lora-moe"
 FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ import comfy.model_patcher
 from comfy.patcher_extension import WrappersMP
 
 from .band import TimestepBand
-from .checkpoint import AdapterSet, LoraMoE, LoraMoEFormatError
+from .checkpoint import AdapterSet, LoraMoE
 from .fused import expand_gains, layout_of, lora_moe_delta, stack_adapters
 from .gating import GateConfig, GateController
 from .routing import LearnedRouter, Routing, expert_vector

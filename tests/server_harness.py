@@ -48,6 +48,7 @@ import pack_fixtures
 import ui_to_api
 import wan_fixtures
 from moe_core.comfy_runtime import find_comfyui
+from moe_core.checkpoint import read_safetensors
 from moe_core.patch import model_fingerprint
 
 REPO_ROOT = pack_fixtures.REPO_ROOT
@@ -62,6 +63,7 @@ TINY_MOE = "tiny_a14b.safetensors"
 TINY_SINGLE = "tiny_single.safetensors"
 BROKEN_HEADER = "broken_header.safetensors"
 TRUNCATED = "truncated.safetensors"
+NAN_WEIGHTS = "nan_weights.safetensors"  # a valid header over a NaN tensor: fails when loaded
 TINY_VAE = "wan21_vae_random.safetensors"
 FIXTURE_ENCODER = "WLMTestTextEncode"
 
@@ -160,6 +162,10 @@ def write_models(models: Path) -> None:
     (models / "lora_moe" / BROKEN_HEADER).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     good = (models / "lora_moe" / TINY_MOE).read_bytes()
     (models / "lora_moe" / TRUNCATED).write_bytes(good[: len(good) // 2])
+    tensors, header = read_safetensors(models / "lora_moe" / TINY_MOE)
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(models / "lora_moe" / NAN_WEIGHTS), metadata=header)
     vae, dst = cached_vae_file(), models / "vae" / TINY_VAE
     if not dst.exists():
         try:

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import time
 import urllib.parse
 

@@ -11,7 +11,6 @@ from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
 import wan_fixtures as wf
 from moe_core.band import ALWAYS_ON, DEFAULT_BAND, three_level_band
-from moe_core.checkpoint import A14B_BOUNDARY
 from moe_core.patch import LoraMoEModelError, apply_lora_moe, gate_trace, model_fingerprint, reconfigure
 from moe_core.routing import manual_route, rule_route
 from moe_fixtures import comfy_lora_reference, random_adapters, random_moe, set_parts

@@ -183,8 +183,6 @@ def test_router_detects_instruments(N):
 
 
 def test_router_modes_and_fallbacks(N):
-    from comfy_api.latest import io  # noqa: F401
-
     learned = N.PromptInstrumentRouter.execute(prompt="剪刀剪开", mode="learned-from-file", top_k=1, temperature=0.5)
     assert learned.args[0].routing.mode == "learned" and learned.args[0].routing.top_k == 1
     none = N.PromptInstrumentRouter.execute(prompt="腹腔镜视野", mode="rule-based", top_k=2, temperature=1.0)

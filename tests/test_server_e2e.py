@@ -88,7 +88,7 @@ def test_object_info_lists_the_four_nodes(server):
                 assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert d["python_module"] == f"custom_nodes.{PACK}"
     assert info["WanLoRAMoE_LoadLoRAMoE"]["input"]["required"]["lora_moe"][1]["options"] == [
-        H.BROKEN_HEADER, H.TINY_MOE, H.TINY_SINGLE, H.TRUNCATED]
+        H.BROKEN_HEADER, H.NAN_WEIGHTS, H.TINY_MOE, H.TINY_SINGLE, H.TRUNCATED]
     assert info["WanLoRAMoE_LoadLoRAMoE"]["input"]["optional"]["routing"][0] == "LORA_MOE_ROUTING"
     assert info["WanLoRAMoE_PromptRouter"]["output"] == ["LORA_MOE_ROUTING", "STRING"]
 
@@ -183,6 +183,8 @@ def test_bad_inputs_come_back_as_node_errors(server):
         "alpha out of range": (_set(base, "WanLoRAMoE_LoadLoRAMoE", alpha_base=-1.0), load_ids, "smaller than min"),
         "band start > mid": (_set(base, "WanLoRAMoE_TimestepBand", start=0.7, mid=0.5),
                              set(nodes_of(base, "WanLoRAMoE_TimestepBand")), "start <= mid"),
+        "truncated file": (_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.TRUNCATED), load_ids,
+                           "truncated.safetensors: not a readable safetensors file"),
         "unknown router mode": (_set(base, "WanLoRAMoE_PromptRouter", mode="psychic"),
                                 set(nodes_of(base, "WanLoRAMoE_PromptRouter")), "mode: 'psychic' is not one of"),
     }
@@ -208,8 +210,8 @@ def test_failures_while_running_are_node_errors_and_the_server_keeps_serving(ser
     base = _base_prompt(server)
     load_ids = nodes_of(base, "WanLoRAMoE_LoadLoRAMoE")
     failing = {
-        "truncated file": (_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.TRUNCATED), load_ids,
-                           "not a readable safetensors file"),
+        "NaN weights": (_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.NAN_WEIGHTS), load_ids,
+                        "contains NaN or Inf"),
         "set missing from file": (_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.TINY_SINGLE), load_ids,
                                   "has no 'high_noise' adapter set"),
         "empty prompt": (_set(base, "PrimitiveStringMultiline", value="   "),
@@ -239,7 +241,7 @@ def _with_saved_latent(prompt: dict, prefix: str) -> dict:
     return p
 
 
-def _saved_latent(entry: dict, server) -> "torch.Tensor":
+def _saved_latent(entry: dict, server):
     import safetensors.torch
 
     item = entry["outputs"]["wlm_save_latent"]["latents"][0]
@@ -276,7 +278,8 @@ def test_no_model_is_left_patched(server):
                                                  "SaveVideo", filename_prefix="video/patched_between"),
                                             "latents/patched_between"))
     assert patched["status"]["status_str"] == "success", patched["status"]
-    server.run(_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.TRUNCATED))
+    failed = server.run(_set(base, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.NAN_WEIGHTS))
+    assert failed["status"]["status_str"] == "error", failed["status"]
     # Same plain graph, with one more (idempotent) ModelSamplingSD3 per DiT so that nothing comes from cache.
     again = copy.deepcopy(plain)
     for nid in nodes_of(plain, "ModelSamplingSD3"):

@@ -20,14 +20,6 @@ CPU = torch.device("cpu")
 NAMES = list(DEFAULT_EXPERT_NAMES)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
-
 def _dit(mp, seed=0, checkpointing=True, stream=0, random_up=True) -> TrainableDiT:
     dm = mp.model.diffusion_model
     n = len(dm.blocks)

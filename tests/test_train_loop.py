@@ -21,14 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 QUIET = lambda *_: None  # noqa: E731
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> tf.Workspace:
     return tf.make_workspace(tmp_path_factory.mktemp("train_ws"))
