@@ -25,24 +25,22 @@ scheduler, RNG states of python/numpy/torch, data position, config), both writte
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from moe_core.checkpoint import LoraMoE, load_lora_moe, save_lora_moe
 from moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 
 from moe_core.atomic import atomic_path, atomic_write_text
+from .determinism import DataOrder, Distributed, rng_state, sample_generator, set_rng_state
 from .models import DiTSet, TrainableDiT
 from .objective import TimestepSampler, noisy_input, per_sample_loss, roi_weights
 
@@ -85,113 +83,6 @@ class LoopSettings:
     log_every: int = 1
     progress: bool = True
     plot: bool = True
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: torch.device) -> Distributed:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): nccl on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    import torch.distributed as dist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    here = False
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        here = True
-    return Distributed(rank=rank, world_size=world, local_rank=local, initialized_here=here)
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"model.device = {spec!r} but CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
-
-
-# ------------------------------------------------------------------------------------ data order, RNG
-
-class DataOrder:
-    """Sample positions to dataset indices: a fresh permutation per epoch, seeded by (seed, epoch)."""
-
-    def __init__(self, size: int, seed: int):
-        if size < 1:
-            raise ValueError("the dataset is empty")
-        self.size, self.seed = int(size), int(seed)
-        self._perms: dict[int, list[int]] = {}
-
-    def permutation(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(_mix(self.seed, 0x5EED, epoch))
-            self._perms = {epoch: torch.randperm(self.size, generator=gen).tolist()}
-        return self._perms[epoch]
-
-    def index(self, position: int) -> int:
-        return self.permutation(position // self.size)[position % self.size]
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (stable across processes and Python versions)."""
-    digest = hashlib.sha256(":".join(str(int(v)) for v in values).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def sample_generator(seed: int, position: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_mix(seed, position))
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    np_state = {**np_state, "state": {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                                      for k, v in np_state["state"].items()}}
-    state = {"python": random.getstate(), "numpy": json.dumps(np_state), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_tuplify(state["python"]))
-    np_state = json.loads(state["numpy"])
-    np_state["state"] = {k: (np.array(v, dtype=np.uint32) if isinstance(v, list) else v)
-                         for k, v in np_state["state"].items()}
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(Exception):
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 # ---------------------------------------------------------------------------------------- schedules
@@ -621,6 +512,5 @@ def total_steps_for(epochs: float, max_steps: int, dataset_size: int, global_bat
     return max(1, math.ceil(epochs * dataset_size / global_batch))
 
 
-__all__ = ["DataOrder", "Distributed", "LoopSettings", "RESUME_MUTABLE_KEYS", "ResumeError", "TrainResult", "Trainer",
-           "base_only_gains", "init_distributed", "latest_checkpoint", "lr_lambda", "resolve_device",
-           "sample_generator", "total_steps_for"]
+__all__ = ["LoopSettings", "RESUME_MUTABLE_KEYS", "ResumeError", "TrainResult", "Trainer", "base_only_gains",
+           "latest_checkpoint", "lr_lambda", "total_steps_for"]

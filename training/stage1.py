@@ -184,7 +184,8 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
 
     from .config import config_to_dict
     from .encoders import dataset_id, prepare
-    from .loop import Trainer, init_distributed, resolve_device, total_steps_for
+    from .determinism import init_distributed, resolve_device
+    from .loop import Trainer, total_steps_for
     from .models import precheck_dit, resolve_model_path
     from moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 
