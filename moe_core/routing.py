@@ -160,6 +160,16 @@ def expert_vector(routing: Routing, expert_names: Sequence[str]) -> torch.Tensor
     return torch.tensor([float(routing.weights.get(n, 0.0)) for n in expert_names], dtype=torch.float32)
 
 
+def rule_gates(routing: Routing, expert_names: Sequence[str]) -> dict[str, float]:
+    """The rule router's gates for a routing (softmax at its temperature, top-k), by expert name.
+
+    What the UI previews before a file is chosen; a learned router starts from these and adjusts them per
+    noise level, so they are shown for learned routings too.
+    """
+    gates = raw_gates(replace(routing, mode="rule"), expert_names, 1.0, None)
+    return dict(zip(expert_names, gates.tolist()))
+
+
 def raw_gates(routing: Routing, expert_names: Sequence[str], sigma: float,
               router: LearnedRouter | None) -> torch.Tensor:
     """Gates of one step before EMA and band: softmax / MLP / manual, then top-k."""

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from comfy_api.latest import io
 
-from ..moe_core.routing import raw_gates, rule_route
+from ..moe_core.routing import rule_gates, rule_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_FALLBACK, DEFAULT_INSTRUMENTS
 from .common import CATEGORY, RoutingIO, RoutingValue, check_choices, node_id
 
@@ -60,10 +60,7 @@ class PromptInstrumentRouter(io.ComfyNode):
         routing = rule_route(prompt, DEFAULT_EXPERT_NAMES, fallback=no_instrument,
                              top_k=min(int(top_k), len(DEFAULT_EXPERT_NAMES)), temperature=float(temperature),
                              mode=MODES[mode])
-        # The gates the experts get (softmax at this temperature, top-k), before the band and the EMA; in
-        # learned mode the file's router starts from these rule gates and adjusts them per noise level.
-        rule = replace(routing, mode="rule")
-        gates = dict(zip(DEFAULT_EXPERT_NAMES, raw_gates(rule, DEFAULT_EXPERT_NAMES, 1.0, None).tolist()))
+        gates = rule_gates(routing, DEFAULT_EXPERT_NAMES)  # before the band and the EMA
         if int(top_k) > len(DEFAULT_EXPERT_NAMES):  # a file with more experts decides; keep what was asked
             routing = replace(routing, top_k=int(top_k))
         value = RoutingValue(routing, fallback=no_instrument)

@@ -17,7 +17,7 @@ import math
 
 from aiohttp import web
 
-from ..moe_core.routing import RoutingError, raw_gates, rule_route
+from ..moe_core.routing import RoutingError, rule_gates, rule_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_INSTRUMENTS
 from .common import header_summary, list_lora_moe_files, resolve_lora_moe_file
 from .router import FALLBACKS
@@ -50,7 +50,7 @@ def route_preview(query) -> tuple[dict, int]:
                              top_k=min(top_k, len(DEFAULT_EXPERT_NAMES)), temperature=temperature)
     except RoutingError as e:  # what the node would report (empty prompt, no instrument with 'error')
         return {"routing_error": str(e), "detected": [], "gates": {}, "line": str(e)}, 200
-    gates = dict(zip(DEFAULT_EXPERT_NAMES, raw_gates(routing, DEFAULT_EXPERT_NAMES, 1.0, None).tolist()))
+    gates = rule_gates(routing, DEFAULT_EXPERT_NAMES)
     return {"detected": list(routing.detected), "gates": gates, "note": routing.note,
             "line": routing.describe(gates)}, 200
 

@@ -227,13 +227,17 @@ def test_torch_compile_does_not_recompile_when_gates_change(tiny_wan_state_dict,
 
 
 def test_adapters_follow_the_model_dtype(tiny_wan_state_dict, wan_contexts, wan_sample):
+    """ComfyUI moves the adapters with the model when it loads it (`model_patches_to`): fp32 on disk, bf16 here."""
     bf16 = wf.load_tiny_wan(tiny_wan_state_dict(), dtype=torch.bfloat16)
-    patched = apply_lora_moe(bf16, random_moe(seed=7), routing=manual_route({"Other": 1.0}))
-    wan_sample(patched, *wan_contexts, seed=1, steps=2)
+    moe = random_moe(seed=7)
+    patched = apply_lora_moe(bf16, moe, routing=manual_route({"Other": 1.0}))
     weights = patched.get_attachment("wan_lora_moe").weights
-    compute = bf16.model.manual_cast_dtype or torch.bfloat16
-    a, b = weights.for_compute(torch.device("cpu"), compute)[0][0]
-    assert a.dtype == compute and b.dtype == compute
+    numel = sum(a.down.numel() + a.up.numel() for p in moe.sets["default"].modules.values()
+                for a in [p.base, *p.experts])
+    assert weights.nbytes() == 4 * numel, "float32 until ComfyUI loads the model"
+    wan_sample(patched, *wan_contexts, seed=1, steps=2)
+    assert bf16.model_dtype() == torch.bfloat16
+    assert weights.nbytes() == 2 * numel, "moved to the model's dtype by ComfyUI's load"
 
 
 def test_file_for_another_model_is_refused(tiny_wan_state_dict):
