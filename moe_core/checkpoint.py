@@ -82,10 +82,13 @@ class MoEDefaults:
     top_k: int = 2
     ema_beta: float = 0.9
     temperature: float = 1.0
+    max_gate: float = 1.0  # cap on any one gate (stage 2's router.max_gate); 1 = no cap
+    clip_level: bool = False  # the learned router sees t = 1 at every step (gates constant over t)
 
     def to_json(self) -> dict[str, Any]:
         return {"alpha_base": self.alpha_base, "alpha_expert": self.alpha_expert, "band": self.band.to_json(),
-                "top_k": self.top_k, "ema_beta": self.ema_beta, "temperature": self.temperature}
+                "top_k": self.top_k, "ema_beta": self.ema_beta, "temperature": self.temperature,
+                "max_gate": self.max_gate, "clip_level": self.clip_level}
 
 
 @dataclass
@@ -241,7 +244,10 @@ def from_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
             alpha_base=float(d.get("alpha_base", 0.7)), alpha_expert=float(d.get("alpha_expert", 1.0)),
             band=TimestepBand.from_json(d["band"]) if "band" in d else DEFAULT_BAND,
             top_k=int(d.get("top_k", 2)), ema_beta=float(d.get("ema_beta", 0.9)),
-            temperature=float(d.get("temperature", 1.0)))
+            temperature=float(d.get("temperature", 1.0)), max_gate=float(d.get("max_gate", 1.0)),
+            clip_level=bool(d.get("clip_level", False)))
+        if not 0.0 < defaults.max_gate <= 1.0:
+            raise ValueError(f"max_gate must be in (0, 1], got {defaults.max_gate}")
     except (BandError, TypeError, ValueError) as e:
         raise LoraMoEFormatError(f"{src}: invalid 'defaults' metadata: {e}") from e
 

@@ -215,7 +215,8 @@ def apply_lora_moe(model: comfy.model_patcher.ModelPatcher, moe: LoraMoE, *, ada
         alpha_base=d.alpha_base if alpha_base is None else float(alpha_base),
         alpha_expert=d.alpha_expert if alpha_expert is None else float(alpha_expert),
         routing=routing, band=d.band if band is None else band,
-        ema_beta=d.ema_beta if ema_beta is None else float(ema_beta), uncond=uncond)
+        ema_beta=d.ema_beta if ema_beta is None else float(ema_beta), uncond=uncond, max_gate=d.max_gate,
+        clip_level=d.clip_level)
     patched = model.clone()
     install(patched, moe, set_name, config, AdapterWeights(moe.sets[set_name]))
     return patched

@@ -115,8 +115,14 @@ def _check_topk_temperature(top_k: int, temperature: float, n: int) -> None:
 
 
 def rule_logits(probs: torch.Tensor) -> torch.Tensor:
-    """Logits whose softmax is (about) the rule teacher's distribution; the learned router's input."""
+    """The learned router's input: logs of the rule teacher's distribution, floored so absent instruments
+    get a finite value. Its softmax is also the teacher that training's KL term pulls the router toward."""
     return torch.log(probs.clamp_min(RULE_LOGIT_FLOOR))
+
+
+def teacher_distribution(teacher: torch.Tensor) -> torch.Tensor:
+    """The KL target: softmax of the floored rule logits (no exact zeros, so KL(router || teacher) is finite)."""
+    return torch.softmax(rule_logits(teacher), dim=-1)
 
 
 class LearnedRouter(torch.nn.Module):
@@ -140,15 +146,9 @@ class LearnedRouter(torch.nn.Module):
         router.load_state_dict({k: v.float() for k, v in sd.items()})
         return router.eval().requires_grad_(False)
 
-
-def topk_renormalise(probs: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest gates of each row and rescale them to sum 1 (rows of zeros stay zero)."""
-    if k >= probs.shape[-1]:
-        return probs
-    vals, idx = probs.topk(k, dim=-1)
-    out = torch.zeros_like(probs).scatter(-1, idx, vals)
-    total = out.sum(-1, keepdim=True)
-    return torch.where(total > 0, out / total.clamp_min(1e-12), out)
+    def state_dict_cpu(self) -> dict[str, torch.Tensor]:
+        """Detached float32 CPU copies, as ``moe_core.checkpoint`` stores a router."""
+        return {k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()}
 
 
 def expert_vector(routing: Routing, expert_names: Sequence[str]) -> torch.Tensor:
@@ -161,7 +161,7 @@ def expert_vector(routing: Routing, expert_names: Sequence[str]) -> torch.Tensor
 
 
 def rule_gates(routing: Routing, expert_names: Sequence[str]) -> dict[str, float]:
-    """The rule router's gates for a routing (softmax at its temperature, top-k), by expert name.
+    """The rule router's gates for a routing (temperature, top-k), by expert name.
 
     What the UI previews before a file is chosen; a learned router starts from these and adjusts them per
     noise level, so they are shown for learned routings too.
@@ -170,20 +170,13 @@ def rule_gates(routing: Routing, expert_names: Sequence[str]) -> dict[str, float
     return dict(zip(expert_names, gates.tolist()))
 
 
-def raw_gates(routing: Routing, expert_names: Sequence[str], sigma: float,
-              router: LearnedRouter | None) -> torch.Tensor:
-    """Gates of one step before EMA and band: softmax / MLP / manual, then top-k."""
+def raw_gates(routing: Routing, expert_names: Sequence[str], sigma: float, router: LearnedRouter | None,
+              max_gate: float = 1.0, clip_level: bool = False) -> torch.Tensor:
+    """Gates of one routing at one noise level, before EMA and band (one row of :func:`moe_core.gating.route`)."""
+    from .gating import GateSettings, route
+
     w = expert_vector(routing, expert_names)
-    if routing.mode == "manual":
-        return w
-    if float(w.sum()) == 0.0:  # rule fallback "off": experts stay off whatever the router says
-        return w
-    logits = rule_logits(w)
-    if routing.mode == "learned":
-        if router is None:
-            raise RoutingError("router mode 'learned' but this LoRA-MoE file holds no learned router "
-                               "for the selected adapter set; use the rule-based router")
-        with torch.no_grad():
-            logits = router(logits[None], torch.tensor([sigma]))[0]
-    probs = torch.softmax(logits / routing.temperature, dim=-1)
-    return topk_renormalise(probs, routing.top_k)
+    settings = GateSettings(temperature=routing.temperature, top_k=routing.top_k, max_gate=max_gate,
+                            clip_level=clip_level)
+    with torch.no_grad():
+        return route(w[None], torch.tensor([float(sigma)]), routing.mode, router, settings).gates[0]

@@ -52,19 +52,21 @@ def flow_sigmas(steps: int, shift: float, scheduler: str = "simple", timesteps: 
 
 
 def _router_gates(routing: Routing | None, expert_names: Sequence[str], t: float,
-                  router: LearnedRouter | None) -> torch.Tensor:
+                  router: LearnedRouter | None, max_gate: float = 1.0, clip_level: bool = False) -> torch.Tensor:
     if routing is None:
         return torch.zeros(len(expert_names))
-    return raw_gates(routing, expert_names, t, router)
+    return raw_gates(routing, expert_names, t, router, max_gate, clip_level)
 
 
 def gates_vs_t(routing: Routing | None, expert_names: Sequence[str], band: TimestepBand,
-               ts: Sequence[float], router: LearnedRouter | None = None) -> tuple[list[list[float]], list[float]]:
+               ts: Sequence[float], router: LearnedRouter | None = None, max_gate: float = 1.0,
+               clip_level: bool = False) -> tuple[list[list[float]], list[float]]:
     """(gate per t and expert = router gate × band, band factor per t); no EMA (it depends on the steps)."""
     gates, factors = [], []
     for t in ts:
         f = band.factor(float(t))
-        gates.append([float(g) * f for g in _router_gates(routing, expert_names, float(t), router)])
+        gates.append([float(g) * f for g in _router_gates(routing, expert_names, float(t), router, max_gate,
+                                                          clip_level)])
         factors.append(f)
     return gates, factors
 
@@ -83,7 +85,8 @@ class StepGates:
 
 def gates_vs_steps(routing: Routing | None, expert_names: Sequence[str], band: TimestepBand,
                    sigmas: Sequence[float], ema_beta: float = 0.9, router: LearnedRouter | None = None,
-                   restart_at: Sequence[int] = ()) -> list[StepGates]:
+                   restart_at: Sequence[int] = (), max_gate: float = 1.0, clip_level: bool = False
+                   ) -> list[StepGates]:
     """Per-step gates over a schedule (`sigmas` with or without its final 0; steps run at ``sigmas[:-1]``).
 
     The EMA starts afresh at step 0 and at every step in `restart_at`: each sampler call (each
@@ -94,7 +97,8 @@ def gates_vs_steps(routing: Routing | None, expert_names: Sequence[str], band: T
     run_sigmas = list(sigmas[:-1]) if len(sigmas) > 1 and float(sigmas[-1]) == 0.0 else list(sigmas)
     # the sampler's own controller, stepped through the schedule: the picture cannot drift from sampling
     ctrl = GateController(expert_names, GateConfig(alpha_base=0.0, alpha_expert=1.0, routing=routing, band=band,
-                                                   ema_beta=ema_beta), router)
+                                                   ema_beta=ema_beta, max_gate=max_gate, clip_level=clip_level),
+                          router)
     restarts = set(int(s) for s in restart_at)
     out: list[StepGates] = []
     for i, sigma in enumerate(run_sigmas):

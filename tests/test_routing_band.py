@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from moe_core.band import DEFAULT_BAND, BandError, TimestepBand, three_level_band
-from moe_core.routing import (LearnedRouter, RoutingError, manual_route, raw_gates, rule_logits, rule_route,
-                              topk_renormalise)
+from moe_core.gating import GateSettings, cap_gates, route, topk_gates
+from moe_core.routing import LearnedRouter, RoutingError, manual_route, raw_gates, rule_logits, rule_route
 from moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 
 S, H, SU, O = DEFAULT_EXPERT_NAMES
@@ -66,21 +66,47 @@ def test_manual_route_normalises_and_refuses_bad_weights():
         manual_route({S: -1.0, O: 2.0})
 
 
-def test_rule_gates_softmax_with_temperature_then_topk():
+def test_rule_gates_are_the_teacher_at_the_temperature_with_exact_zeros():
+    # one instrument: that expert alone, every other gate exactly 0 (no floored logit wins a top-2 slot)
+    g = raw_gates(rule_route("电凝钩切割组织", top_k=2), DEFAULT_EXPERT_NAMES, 0.7, None)
+    assert g.tolist() == [0.0, 1.0, 0.0, 0.0]
+    # two instruments: w^(1/T) renormalised over the named experts, by hand
     r = rule_route("电凝钩切割组织。吸引吸血。", temperature=2.0, top_k=2)
     g = raw_gates(r, DEFAULT_EXPERT_NAMES, 0.7, None)
-    # hand computation: logits log(max(p, 1e-3)) / T, softmax, keep top 2, renormalise
-    logits = torch.log(torch.tensor([1e-3, 0.5, 0.5, 1e-3])) / 2.0
-    p = torch.softmax(logits, 0)
-    expected = torch.tensor([0, p[1], p[2], 0]) / (p[1] + p[2])
-    assert torch.allclose(g, expected, atol=1e-6)
+    assert torch.allclose(g, torch.tensor([0.0, 0.5, 0.5, 0.0]), atol=1e-7)
+    assert g[0] == 0.0 and g[3] == 0.0
+
+
+def test_rule_gates_ties_are_kept_not_broken():
+    # three named instruments under top-2: all three tie, so all three are kept at 1/3
+    r = rule_route("剪刀、电凝钩和吸引器", top_k=2)
+    g = raw_gates(r, DEFAULT_EXPERT_NAMES, 0.5, None)
+    assert torch.allclose(g, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]), atol=1e-7) and g[3] == 0.0
 
 
 def test_topk_keeps_k_largest_and_renormalises():
-    p = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.0, 0.0, 0.0, 0.0]])
-    out = topk_renormalise(p, 2)
+    p = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.0, 0.0, 0.0, 0.0], [0.2, 0.4, 0.2, 0.2]])
+    out = topk_gates(p, 2)
     assert torch.allclose(out[0], torch.tensor([0, 0.625, 0.375, 0]))
     assert torch.equal(out[1], torch.zeros(4))
+    assert torch.allclose(out[2], torch.tensor([0.2, 0.4, 0.2, 0.2]))  # a 3-way tie at the 2nd value: kept
+
+
+def test_max_gate_cap_hands_the_excess_to_the_other_kept_expert():
+    g = torch.tensor([[0.95, 0.05, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    out = cap_gates(g, 0.9)
+    assert torch.allclose(out[0], torch.tensor([0.9, 0.1, 0.0, 0.0]))
+    assert torch.allclose(out[1], torch.tensor([0.9, 0.0, 0.0, 0.0]))  # nobody to share with: sums to 0.9
+
+
+def test_route_is_differentiable_through_the_learned_router():
+    torch.manual_seed(0)
+    router = LearnedRouter(4)
+    w = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]])
+    out = route(w, torch.tensor([0.9, 0.3]), "learned", router, GateSettings(top_k=2))
+    out.gates[:, 1].sum().backward()
+    assert router.fc1.weight.grad is not None and router.fc1.weight.grad.abs().sum() > 0
+    assert (out.gates > 0).sum(-1).tolist() == [2, 2]
 
 
 def test_learned_router_runs_the_mlp_over_rule_logits_and_t():
