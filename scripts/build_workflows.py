@@ -5,7 +5,7 @@
     python scripts/build_workflows.py --object-info http://127.0.0.1:8188/object_info
 
 Widget values are written by input name and placed in the front end's order using ComfyUI's node
-definitions (the same rules as tests/ui_to_api.py), so a change of a node's inputs shows up here as an
+definitions (the same rules as moe_core/workflow_api.py), so a change of a node's inputs shows up here as an
 error instead of as a silently shifted value. Positions and sizes are laid out by hand below. After
 regenerating, run the browser test: it loads every workflow in the real front end.
 """
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from ui_to_api import widget_names  # noqa: E402
+from moe_core.workflow_api import widget_names  # noqa: E402
 
 OUT_DIR = REPO / "workflows"
 PACK_NODE_PROPS = {"cnr_id": "comfyui-wanloramoe", "ver": "0.1.0"}

@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import save_file
 
 import pack_fixtures
-import ui_to_api
+from moe_core import workflow_api as ui_to_api
 import wan_fixtures
 from moe_core.comfy_runtime import find_comfyui
 from moe_core.checkpoint import read_safetensors

@@ -23,7 +23,7 @@ import pytest
 
 import cdp
 import server_harness as H
-import ui_to_api
+from moe_core import workflow_api as ui_to_api
 
 PACK = H.PACK_DIR
 APP = "window.comfyAPI.app.app"
@@ -236,7 +236,7 @@ def test_every_bundled_workflow_loads_with_no_missing_nodes(session, server):
 
 
 def test_converter_agrees_with_the_front_end(session, server):
-    """tests/ui_to_api.py gives the prompt the front end itself would queue (graphToPrompt), for the bundled
+    """moe_core/workflow_api.py gives the prompt the front end itself would queue (graphToPrompt), for the bundled
     workflows and for ComfyUI's own A14B template (bypassed groups, notes, control_after_generate)."""
     info = server.object_info()
     cases = {name: (H.load_workflow(name), wf["output"]) for name, wf in session["workflows"].items()}

@@ -3,7 +3,7 @@ custom_nodes/): node definitions, served workflows and web files, every bundled 
 models to an mp4, bad inputs answered as node errors, the pack's HTTP routes, and no model left patched.
 
 The server is shared with test_browser.py (``server_harness.shared_server``). The bundled workflows are
-converted from UI to API format with tests/ui_to_api.py (checked against the front end's own conversion
+converted from UI to API format with moe_core/workflow_api.py (checked against the front end's own conversion
 in test_browser.py); ``server_harness.api_prompt`` lists every test-only override (tiny sizes, steps and
 model files, the fixture text encoder).
 """

@@ -1,5 +1,9 @@
 """Convert a ComfyUI workflow saved by the front end (UI format) to the API format the server runs.
 
+Used by the demo (``training.mission`` runs the bundled workflows headless), by the end-to-end and browser
+tests (``tests/test_browser.py`` checks it against the front end's own conversion) and by
+``scripts/build_workflows.py`` (widget order). Standard library only.
+
 UI format: ``nodes`` with positional ``widgets_values`` and ``inputs`` slots carrying link ids, plus
 ``links`` as ``[link_id, from_node, from_slot, to_node, to_slot, type]``. API format:
 ``{node_id: {"class_type": ..., "inputs": {name: value | [from_node_id, from_slot]}}}``.
