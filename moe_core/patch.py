@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -19,6 +19,7 @@ from comfy.patcher_extension import WrappersMP
 
 from .band import TimestepBand
 from .checkpoint import AdapterSet, LoraMoE
+from .dit_info import FINGERPRINT_SIZE, closest_fingerprint, fingerprint_of
 from .fused import expand_gains, layout_of, lora_moe_delta, stack_adapters
 from .gating import GateConfig, GateController
 from .routing import LearnedRouter, Routing, expert_vector
@@ -153,50 +154,89 @@ class MoEPatchInfo:
 
 # ------------------------------------------------------------------------------------------ model checks
 
-def model_fingerprint(model: comfy.model_patcher.ModelPatcher, n: int = 32) -> list[float]:
+#: The adapter sets as the Load LoRA-MoE node's adapter_set widget names them (messages use these words;
+#: `select_adapter_set` accepts either spelling).
+SET_LABELS = {"default": "single-DiT", "high_noise": "high-noise", "low_noise": "low-noise"}
+
+
+def model_fingerprint(model: comfy.model_patcher.ModelPatcher, n: int = FINGERPRINT_SIZE) -> list[float]:
     """A few values of `head.modulation`: tells the high-noise and the low-noise A14B DiT apart."""
-    mod = model.get_model_object("diffusion_model.head.modulation")
-    flat = mod.detach().float().flatten().cpu()
-    idx = torch.linspace(0, flat.numel() - 1, min(n, flat.numel())).long()
-    return [round(float(v), 6) for v in flat[idx]]
+    return fingerprint_of(model.get_model_object("diffusion_model.head.modulation"), n)
 
 
-def _fingerprint_matches(a: list[float], b: list[float]) -> bool:
-    return len(a) == len(b) and torch.allclose(torch.tensor(a), torch.tensor(b), rtol=2e-2, atol=2e-3)
+def _labels(names) -> str:
+    return " and ".join(SET_LABELS.get(n, n) for n in names)
+
+
+def _shape(model: dict) -> str:
+    known = {k: "?" if model.get(k) is None else model[k] for k in ("num_layers", "dim")}
+    return f"{known['num_layers']} layers of width {known['dim']}"
+
+
+def adapter_set_problem(source: str, fingerprinted: Mapping[str, bool], choice: str) -> str | None:
+    """Why `choice` ("auto", a set name or its label) cannot pick a set of a file holding the sets
+    `fingerprinted` (set name -> whether it records its DiT's fingerprint), known before any model is seen;
+    None if it can, or if only the model can tell. Load LoRA-MoE asks this when it validates a prompt."""
+    if choice != "auto":
+        name = {label: n for n, label in SET_LABELS.items()}.get(choice, choice)
+        if name in fingerprinted:
+            return None
+        held = "one set for a single DiT" if list(fingerprinted) == ["default"] else f"{_labels(fingerprinted)} sets"
+        return f"{source} has no {SET_LABELS.get(name, repr(choice))} adapter set: it holds {held}; set adapter_set to auto"
+    if len(fingerprinted) > 1 and not any(fingerprinted.values()):
+        return (f"{source} holds {_labels(fingerprinted)} adapter sets but does not record which DiT each belongs "
+                "to, so adapter_set 'auto' cannot choose: set adapter_set to high-noise for the high-noise DiT and "
+                "low-noise for the low-noise DiT (or rebuild the file with `python -m moe_core.assemble ... "
+                "--dit high_noise:<DiT file> --dit low_noise:<DiT file>`)")
+    return None
 
 
 def select_adapter_set(moe: LoraMoE, model: comfy.model_patcher.ModelPatcher, choice: str = "auto") -> str:
-    """The adapter set for this model: as chosen, or by the model's fingerprint, or the only one."""
+    """The adapter set for this model: as chosen, or the one whose recorded DiT fingerprint the model has,
+    or the only one. `choice` is a set name or its widget label (`high-noise`)."""
+    problem = adapter_set_problem(moe.source, {n: bool(s.fingerprint) for n, s in moe.sets.items()}, choice)
+    if problem:
+        raise LoraMoEModelError(problem)
     if choice != "auto":
-        if choice not in moe.sets:
-            raise LoraMoEModelError(f"{moe.source}: has no '{choice}' adapter set; it holds {list(moe.sets)}")
-        return choice
+        return {label: n for n, label in SET_LABELS.items()}.get(choice, choice)
     if len(moe.sets) == 1:
         return next(iter(moe.sets))
-    fp = model_fingerprint(model)
-    hits = [n for n, s in moe.sets.items() if s.fingerprint and _fingerprint_matches(s.fingerprint, fp)]
-    if len(hits) == 1:
-        return hits[0]
-    raise LoraMoEModelError(
-        f"{moe.source}: holds adapter sets {list(moe.sets)} and none was recorded for this model's weights; "
-        "choose 'high_noise' for the high-noise DiT or 'low_noise' for the low-noise DiT")
+    hit = closest_fingerprint(model_fingerprint(model), {n: s.fingerprint for n, s in moe.sets.items()})
+    if hit is None:
+        raise LoraMoEModelError(
+            f"{moe.source}: this model's weights are none of the DiTs its {_labels(moe.sets)} sets were "
+            "trained for (another WAN model, or another DiT file?), so adapter_set 'auto' cannot choose: set "
+            "adapter_set to high-noise or low-noise by hand if this is the right model")
+    return hit
 
 
 def check_model(model: comfy.model_patcher.ModelPatcher, moe: LoraMoE, set_name: str) -> None:
-    """Every adapted module exists in the model as a Linear of the recorded size."""
+    """The model is the WAN DiT the set was built for: the recorded depth and width, and every adapted
+    module a Linear of the recorded size."""
     aset = moe.sets[set_name]
+    label = SET_LABELS.get(set_name, set_name)
+    dm = model.get_model_object("diffusion_model")
+    blocks, width = getattr(dm, "blocks", None), getattr(dm, "dim", None)
+    if blocks is None or width is None:
+        raise LoraMoEModelError(f"{moe.source}: the model is a {type(dm).__name__}, not a WAN diffusion model")
+    have = {"num_layers": len(blocks), "dim": int(width)}
+    want = {k: aset.model.get(k) for k in have}
+    if any(v is not None and int(v) != have[k] for k, v in want.items()):
+        raise LoraMoEModelError(
+            f"{moe.source}: its {label} set was built for a WAN DiT with {_shape(want)}, but this model has "
+            f"{_shape(have)}: a LoRA-MoE only fits the model it was trained for")
     for module, proj in aset.modules.items():
         try:
             layer = model.get_model_object(f"diffusion_model.{module}")
         except AttributeError:
             raise LoraMoEModelError(
-                f"{moe.source}: set '{set_name}' adapts '{module}', which this model does not have "
+                f"{moe.source}: its {label} set adapts '{module}', which this model does not have "
                 f"(a LoRA-MoE for another model?)") from None
         if not isinstance(layer, torch.nn.Linear):
             raise LoraMoEModelError(f"{moe.source}: '{module}' is a {type(layer).__name__}, not a Linear layer")
         if (layer.in_features, layer.out_features) != (proj.in_features, proj.out_features):
             raise LoraMoEModelError(
-                f"{moe.source}: set '{set_name}' adapts '{module}' as {proj.in_features}->{proj.out_features}, "
+                f"{moe.source}: its {label} set adapts '{module}' as {proj.in_features}->{proj.out_features}, "
                 f"but the model's layer is {layer.in_features}->{layer.out_features}: this LoRA-MoE was built "
                 "for a model of other dimensions")
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import folder_paths
 from comfy_api.latest import io
@@ -56,9 +58,18 @@ class RoutingValue:
         r = self.routing
         if r.mode == "manual":
             return r
-        return rule_route(r.prompt, moe.expert_names, keywords=moe.expert_keywords, fallback=self.fallback,
-                          top_k=min(r.top_k, moe.num_experts),
-                          temperature=r.temperature, mode=r.mode)
+        unknown_fallback = self.fallback not in ("off", "error", *moe.expert_names)
+        try:
+            return rule_route(r.prompt, moe.expert_names, keywords=moe.expert_keywords,
+                              fallback="error" if unknown_fallback else self.fallback,
+                              top_k=min(r.top_k, moe.num_experts), temperature=r.temperature, mode=r.mode)
+        except RoutingError:
+            if unknown_fallback and r.prompt and r.prompt.strip():  # no instrument named: the fallback is needed
+                raise RoutingError(
+                    f"the prompt names no instrument and the Router's no_instrument is '{self.fallback}', but "
+                    f"{moe.source} has no expert of that name (its experts: {', '.join(moe.expert_names)}): "
+                    "choose off or error") from None
+            raise
 
     def to_ui(self) -> dict:
         r = self.routing
@@ -153,18 +164,48 @@ def resolve_lora_moe_file(name: str) -> str:
     raise ValueError(f"LoRA-MoE file '{name}' disappeared from the model folders")
 
 
-def header_summary(path: str) -> dict:
-    """Expert names, adapter sets and defaults from a LoRA-MoE file's header, without reading tensors.
+def scrub_paths(text: str, path: str, name: str) -> str:
+    """`text` with the server's path of a file replaced by `name`, the file as the user chose it (the combo
+    value), and no model folder left in it: messages reach the browser."""
+    for p in {str(path), os.path.realpath(path)}:
+        text = text.replace(p, name)
+    for folder in folder_paths.get_folder_paths(LORA_MOE_FOLDER) + folder_paths.get_folder_paths(LORA_FOLDER):
+        for f in {folder, os.path.realpath(folder)}:
+            text = text.replace(f.rstrip(os.sep) + os.sep, "")
+    return text
 
-    Raises ValueError naming the file (not its directory: the message reaches the browser)."""
+
+@contextmanager
+def named_as(name: str, path: str) -> Iterator[None]:
+    """Errors raised inside name the file `path` as `name` (see `scrub_paths`); other errors pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        text = str(e)
+        clean = scrub_paths(text, path, name)
+        if clean == text:
+            raise
+        try:
+            renamed = type(e)(clean)
+        except Exception:  # an exception type with another constructor
+            renamed = ValueError(clean)
+        raise renamed from None
+
+
+def header_summary(path: str, name: str | None = None) -> dict:
+    """Expert names, adapter sets (with what `auto` needs to pick one) and defaults from a LoRA-MoE file's
+    header, without reading tensors.
+
+    Raises ValueError naming the file as `name` (default: its file name), never by its server path."""
     try:
         meta = read_lora_moe_metadata(path)
     except LoraMoEFormatError as e:
-        raise ValueError(str(e).replace(str(path), os.path.basename(path))) from None
+        raise ValueError(scrub_paths(str(e), path, name or os.path.basename(path))) from None
     sets = {}
-    for name, s in (meta.get("sets") or {}).items():
-        sets[name] = {"modules": len(s.get("modules") or {}), "learned_router": bool(s.get("router_hidden")),
-                      "sigma_range": s.get("sigma_range")}
+    for set_name, s in (meta.get("sets") or {}).items():
+        sets[set_name] = {"modules": len(s.get("modules") or {}), "learned_router": bool(s.get("router_hidden")),
+                          "sigma_range": s.get("sigma_range"), "fingerprint": bool(s.get("fingerprint")),
+                          "model": s.get("model") or {}}
     return {"format": meta.get("format"), "version": meta.get("version"), "expert_names": meta.get("expert_names"),
             "sets": sets, "defaults": meta.get("defaults")}
 
@@ -172,16 +213,22 @@ def header_summary(path: str) -> dict:
 # ------------------------------------------------------------------------------------------ file cache
 
 class _LoraMoECache:
-    """The last few loaded files, keyed by path, mtime and size (an A14B graph loads one file twice)."""
+    """The last few loaded files (an A14B graph loads one file twice), at most `size`.
+
+    Keyed by the file's identity on disk (path, inode, size, mtime), so a file replaced or rewritten while
+    the server runs is read again; a file that fails to load is never cached."""
 
     def __init__(self, size: int = 2):
         self.size = size
         self._items: OrderedDict[tuple, LoraMoE] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, path: str) -> LoraMoE:
         st = os.stat(path)
-        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -200,6 +247,16 @@ class _LoraMoECache:
 
 LORA_MOE_CACHE = _LoraMoECache()
 
+def file_signature(name: str) -> tuple | str:
+    """What changes when a listed file changes on disk (for `fingerprint_inputs`, so that ComfyUI runs a node
+    again, not from its cache, after a file was replaced under the same name)."""
+    try:
+        st = os.stat(resolve_lora_moe_file(name))
+    except (ValueError, OSError) as e:
+        return f"unavailable: {type(e).__name__}"
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 __all__ = ["CATEGORY", "DEFAULT_EXPERT_NAMES", "LORA_MOE_CACHE", "PACK", "RoutingIO", "RoutingValue",
-           "as_routing_value", "check_choices", "header_summary", "instrument_label", "list_lora_moe_files", "node_id",
-           "resolve_lora_moe_file"]
+           "as_routing_value", "check_choices", "file_signature", "header_summary", "instrument_label",
+           "list_lora_moe_files", "named_as", "node_id", "resolve_lora_moe_file", "scrub_paths"]

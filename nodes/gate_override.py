@@ -9,6 +9,7 @@ from ..moe_core.routing import manual_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 from .common import (CATEGORY, RoutingIO, RoutingValue, as_routing_value, check_choices, instrument_label,
                      node_id)
+from .validation import sibling_values
 
 BY_WEIGHTS = "by weights"
 #: Widget id per default expert (ids must be plain identifiers; the labels carry the full names).
@@ -23,7 +24,8 @@ def check_weights(weights: dict[str, float]) -> str | None:
     if bad:
         return f"gate weights must be finite and >= 0, got {bad}"
     if sum(weights.values()) <= 0:
-        return "all gate weights are zero: set at least one expert above 0, or choose an instrument"
+        return (f"instrument is '{BY_WEIGHTS}' but all four weights are 0: set at least one weight above 0, or "
+                "choose one instrument")
     return None
 
 
@@ -53,6 +55,7 @@ class GateOverride(io.ComfyNode):
                 RoutingIO.Output(display_name="routing", tooltip="Connect to Load LoRA-MoE's routing input."),
                 io.String.Output(display_name="gates", tooltip="The fixed gates, as text."),
             ],
+            hidden=[io.Hidden.unique_id],  # validation reads the weights (validation.py)
         )
 
     @classmethod
@@ -62,20 +65,20 @@ class GateOverride(io.ComfyNode):
         return {n: values[wid] for n, wid in WEIGHT_INPUTS.items()}
 
     @classmethod
-    def validate_inputs(cls, instrument=None, scissors=None, hook_electrocautery=None, suction=None, other=None):
+    def validate_inputs(cls, instrument):
+        # One argument, so that ComfyUI shows each problem once, on instrument (see validation.py). ComfyUI
+        # itself refuses a weight outside 0..1, on that weight; left here: all four weights zero.
         error = check_choices(instrument=(instrument, (BY_WEIGHTS, *DEFAULT_EXPERT_NAMES)))
-        if error:
-            return error
-        values = {"scissors": scissors, "hook_electrocautery": hook_electrocautery, "suction": suction,
-                  "other": other}
-        given = {k: v for k, v in values.items() if v is not None}
-        over = {k: v for k, v in given.items() if v > 1.0}
-        if over:
-            return f"gate weights must be <= 1, got {over}"
-        if instrument == BY_WEIGHTS and len(given) == len(values):  # linked weights are checked at run time
-            return check_weights({n: values[wid] for n, wid in WEIGHT_INPUTS.items()}) or True
-        neg = {k: v for k, v in given.items() if v < 0}
-        return f"gate weights must be >= 0, got {neg}" if neg else True
+        if error or instrument != BY_WEIGHTS:
+            return error or True
+        values = sibling_values(cls, *WEIGHT_INPUTS.values())
+        try:
+            weights = {n: float(values[wid]) for n, wid in WEIGHT_INPUTS.items()}
+        except (KeyError, TypeError, ValueError):  # linked, or not a number (ComfyUI says so)
+            return True
+        if any(not 0.0 <= w <= 1.0 for w in weights.values()):  # out of range: ComfyUI says so, on the weight
+            return True
+        return check_weights(weights) or True
 
     @classmethod
     def execute(cls, instrument, scissors, hook_electrocautery, suction, other, routing=None) -> io.NodeOutput:

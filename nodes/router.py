@@ -49,8 +49,10 @@ class PromptInstrumentRouter(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode=None, no_instrument=None):
-        return check_choices(mode=(mode, MODES), no_instrument=(no_instrument, FALLBACKS)) or True
+    def validate_inputs(cls, mode):
+        # One argument, so that ComfyUI reports a bad mode once, on mode (see validation.py); a bad
+        # no_instrument value (API prompts only) is refused when the node runs.
+        return check_choices(mode=(mode, MODES)) or True
 
     @classmethod
     def execute(cls, prompt, mode, top_k, temperature, no_instrument=DEFAULT_FALLBACK) -> io.NodeOutput:

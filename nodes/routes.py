@@ -20,6 +20,7 @@ from aiohttp import web
 from ..moe_core.routing import RoutingError, rule_gates, rule_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_INSTRUMENTS
 from .common import header_summary, list_lora_moe_files, resolve_lora_moe_file
+from . import validation
 from .router import FALLBACKS
 
 PREFIX = "/wan_lora_moe"
@@ -97,7 +98,8 @@ def register(routes: web.RouteTableDef) -> None:
 
 
 def register_with_server() -> bool:
-    """Add the routes to the running ComfyUI server, if there is one (not under pytest or scripts)."""
+    """Add the routes, and the prompt hook node validation reads (validation.py), to the running ComfyUI
+    server, if there is one (not under pytest or scripts)."""
     import sys
 
     server = sys.modules.get("server")
@@ -105,5 +107,6 @@ def register_with_server() -> bool:
     if instance is None or getattr(instance, "_wan_lora_moe_routes", False):
         return False
     register(instance.routes)
+    validation.register(instance)
     instance._wan_lora_moe_routes = True
     return True

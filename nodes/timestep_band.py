@@ -6,10 +6,11 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..moe_core.band import ALWAYS_ON, DEFAULT_BAND, BandError, TimestepBand, three_level_band
-from ..moe_core.patch import moe_info, reconfigure
+from ..moe_core.patch import SET_LABELS, moe_info, reconfigure
 from ..moe_core.routing import LearnedRouter
 from ..moe_core.schedule import A14B_T2V_BOUNDARY, flow_sigmas, gates_vs_steps, gates_vs_t, render_schedule
-from .common import CATEGORY, check_choices, node_id
+from .common import CATEGORY, node_id
+from .validation import sibling_values
 
 PRESETS = ("three-level", "seeds default", "file default", "always on")
 #: Points of the t grid sent to the web extension (raw router gates; it multiplies by the band it draws).
@@ -64,22 +65,31 @@ class TimestepBandNode(io.ComfyNode):
                                "per-step axis ('simple' scheduler)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with this band.")],
+            hidden=[io.Hidden.unique_id],  # validation reads the other band values (validation.py)
         )
 
     @classmethod
-    def validate_inputs(cls, preset=None, start=None, mid=None, mid_factor=None, end=None):
-        error = check_choices(preset=(preset, PRESETS))
-        if error:
-            return error
-        values = {"start": start, "mid": mid, "mid_factor": mid_factor, "end": end}
-        for k, v in values.items():
-            if v is not None and not 0.0 <= v <= 1.0:
-                return f"{k} must be between 0 and 1, got {v}"
-        if preset == "three-level" and None not in values.values():
-            try:
-                three_level_band(start=start, mid=mid, mid_factor=mid_factor, end=end)
-            except BandError as e:
-                return str(e)
+    def validate_inputs(cls, mid):
+        # One argument, so that ComfyUI shows a bad band once (see validation.py), on mid: every ordering
+        # rule of the three-level band involves it. ComfyUI itself checks start, mid_factor and end against
+        # 0..1; a bad preset (API prompts only) is refused when the node runs.
+        if mid is None:
+            return True
+        if not 0.0 <= mid <= 1.0:
+            return f"mid must be between 0 and 1, got {mid}"
+        values = sibling_values(cls, "preset", "start", "mid_factor", "end")
+        if values.get("preset") != "three-level":
+            return True
+        try:
+            start, mid_factor, end = (float(values[k]) for k in ("start", "mid_factor", "end"))
+        except (KeyError, TypeError, ValueError):  # linked, or not a number (ComfyUI says so)
+            return True
+        if not all(0.0 <= v <= 1.0 for v in (start, mid_factor, end)):  # ComfyUI says so, on that input
+            return True
+        try:
+            three_level_band(start=start, mid=mid, mid_factor=mid_factor, end=end)
+        except BandError as e:
+            return str(e)
         return True
 
     @classmethod
@@ -94,7 +104,7 @@ class TimestepBandNode(io.ComfyNode):
         names = info.moe.expert_names
         boundary = A14B_T2V_BOUNDARY if info.set_name in ("high_noise", "low_noise") else None
         routing = config.routing
-        title = f"{info.set_name}: " + (routing.describe() if routing is not None else "no routing (experts off)")
+        title = f"{SET_LABELS.get(info.set_name, info.set_name)}: " + (routing.describe() if routing is not None else "no routing (experts off)")
         picture = render_schedule(routing, names, band, steps=preview_steps, shift=preview_shift,
                                   ema_beta=config.ema_beta, router=router, boundary=boundary, title=title)
         image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]

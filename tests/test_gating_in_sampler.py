@@ -87,7 +87,7 @@ def test_a14b_split_with_two_adapter_sets(tiny_wan_state_dict, wan_contexts, tmp
     high = wf.load_tiny_wan(tiny_wan_state_dict(seed=10))
     low = wf.load_tiny_wan(tiny_wan_state_dict(seed=11))
     moe = random_moe(seed=3, sets=("high_noise", "low_noise"))
-    with pytest.raises(LoraMoEModelError, match="choose 'high_noise'"):
+    with pytest.raises(LoraMoEModelError, match="adapter_set 'auto' cannot choose: set adapter_set to high-noise"):
         apply_lora_moe(high, moe)
     moe.sets["high_noise"].fingerprint = model_fingerprint(high)
     moe.sets["low_noise"].fingerprint = model_fingerprint(low)

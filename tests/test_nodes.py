@@ -20,6 +20,9 @@ import torch
 import folder_paths
 import pack_fixtures
 import wan_fixtures
+from safetensors.torch import save_file
+
+from moe_core.checkpoint import to_state_dict
 from moe_core.lora_formats import save_lora
 from moe_core.patch import model_fingerprint
 
@@ -66,6 +69,10 @@ def model_dirs(tmp_path_factory, tiny_pair, pack):
     save_lora(plain, lora_dir / "plain_lora.safetensors")
     save_lora(plain, moe_dir / "plain_in_moe_dir.safetensors")  # listed (lora_moe folder), refused on validation
     pack_fixtures.write_moe(pack_fixtures.tiny_single_moe(), lora_dir / "moe_in_loras.safetensors")
+    nan = pack_fixtures.tiny_single_moe()
+    next(iter(nan.sets["default"].modules.values())).experts[0].up[0, 0] = float("nan")
+    tensors, header = to_state_dict(nan)  # save_lora_moe would refuse it: a NaN is found when loaded
+    save_file(tensors, str(moe_dir / "sub" / "nan.safetensors"), metadata=header)
     old_temp = folder_paths.get_temp_directory()
     folder_paths.add_model_folder_path("lora_moe", str(moe_dir))
     folder_paths.add_model_folder_path("loras", str(lora_dir))
@@ -75,6 +82,55 @@ def model_dirs(tmp_path_factory, tiny_pair, pack):
     folder_paths.folder_names_and_paths["loras"][0].remove(str(lora_dir))
     folder_paths.set_temp_directory(old_temp)
     pack.nodes.common.LORA_MOE_CACHE.clear()
+
+
+def comfy_validate(N, prompt: dict, node_id: str) -> list[dict]:
+    """The errors ComfyUI's own validation (``execution.validate_inputs``) gives node `node_id` of `prompt`,
+    after the pack's on_prompt hook, as ``POST /prompt`` runs them. Upstream nodes count as valid."""
+    import asyncio
+
+    import execution
+    import nodes
+
+    class AnyOutput:  # stands in for whatever node feeds a linked input
+        RETURN_TYPES = ("*",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {}
+
+    prompt = dict(prompt)
+    for node in list(prompt.values()):
+        for value in node["inputs"].values():
+            if isinstance(value, list) and value[0] not in prompt:
+                prompt[value[0]] = {"class_type": "WLMTestAnyOutput", "inputs": {}}
+    added = {c.GET_SCHEMA().node_id: c for c in N.NODES if c.GET_SCHEMA().node_id not in nodes.NODE_CLASS_MAPPINGS}
+    added["WLMTestAnyOutput"] = AnyOutput
+    nodes.NODE_CLASS_MAPPINGS.update(added)
+
+    async def run():
+        N.validation.remember_prompt({"prompt": prompt})
+        validated = {nid: (True, [], nid) for nid in prompt if nid != node_id}
+        return await execution.validate_inputs("test", prompt, node_id, validated)
+
+    try:
+        return asyncio.run(run())[1]
+    finally:
+        for key in added:
+            del nodes.NODE_CLASS_MAPPINGS[key]
+
+
+def assert_one_error(errors: list[dict], input_name: str, fragment: str) -> None:
+    """Exactly one error, on `input_name`, whose text contains `fragment`."""
+    assert len(errors) == 1, errors
+    e = errors[0]
+    assert e["extra_info"]["input_name"] == input_name and fragment in f"{e['message']}: {e['details']}", e
+
+
+def _patched(N, tiny_pair):
+    hi = wan_fixtures.load_tiny_wan(tiny_pair[0])
+    return N.LoadLoRAMoE.execute(model=hi, lora_moe="a14b.safetensors", adapter_set="auto", alpha_base=0.7,
+                                 alpha_expert=1.0).args[0]
 
 
 # ----------------------------------------------------------------------------------- registration
@@ -160,7 +216,7 @@ def test_schemas(N):
     assert seen == NODE_IDS
     load = N.LoadLoRAMoE.GET_NODE_INFO_V1()
     assert load["input_order"] == {"required": ["model", "lora_moe", "adapter_set", "alpha_base", "alpha_expert"],
-                                   "optional": ["routing", "uncond"]}
+                                   "optional": ["routing", "uncond"], "hidden": ["unique_id"]}
     assert load["input"]["required"]["alpha_base"][1]["default"] == 0.7
     assert load["input"]["required"]["alpha_expert"][1]["default"] == 1.0
     assert load["input"]["optional"]["routing"][0] == "LORA_MOE_ROUTING"
@@ -226,16 +282,19 @@ def test_gate_override(N):
 
 
 def test_gate_override_refuses_zero_and_negative(N):
-    v = N.GateOverride.validate_inputs
-    assert "all gate weights are zero" in v(instrument="by weights", scissors=0.0, hook_electrocautery=0.0,
-                                             suction=0.0, other=0.0)
-    assert ">= 0" in v(instrument="by weights", scissors=-0.5, hook_electrocautery=1.0, suction=0.0, other=0.0)
-    assert ">= 0" in v(instrument="Scissors", scissors=-0.5, hook_electrocautery=1.0, suction=0.0, other=0.0)
-    assert "<= 1" in v(instrument="by weights", scissors=2.0, hook_electrocautery=1.0, suction=0.0, other=0.0)
-    assert v(instrument="Scissors", scissors=0.0, hook_electrocautery=0.0, suction=0.0, other=0.0) is True
-    assert v(instrument="by weights", scissors=None, hook_electrocautery=0.0, suction=0.0, other=0.0) is True
-    assert "instrument: 'Forceps' is not one of" in v(instrument="Forceps")
-    with pytest.raises(ValueError, match="all gate weights are zero"):
+    def errors(**weights):
+        inputs = dict({"instrument": "by weights", "scissors": 0.0, "hook_electrocautery": 0.0, "suction": 0.0,
+                       "other": 0.0}, **weights)
+        return comfy_validate(N, {"1": {"class_type": "WanLoRAMoE_GateOverride", "inputs": inputs}}, "1")
+
+    assert_one_error(errors(), "instrument", "instrument is 'by weights' but all four weights are 0")
+    assert_one_error(errors(scissors=-0.5, suction=1.0), "scissors", "smaller than min of 0.0")  # ComfyUI's
+    assert_one_error(errors(instrument="Scissors", scissors=-0.5), "scissors", "smaller than min of 0.0")
+    assert_one_error(errors(scissors=2.0), "scissors", "bigger than max of 1.0")
+    assert_one_error(errors(instrument="Forceps"), "instrument", "instrument: 'Forceps' is not one of")
+    assert errors(instrument="Scissors") == [] and errors(suction=0.3) == []
+    assert errors(scissors=["9", 0]) == [], "a linked weight is checked when the node runs"
+    with pytest.raises(ValueError, match="all four weights are 0"):
         N.GateOverride.execute(instrument="by weights", scissors=0.0, hook_electrocautery=0.0, suction=0.0, other=0.0)
     with pytest.raises(ValueError, match=">= 0"):
         N.GateOverride.execute(instrument="by weights", scissors=-1.0, hook_electrocautery=1.0, suction=0.0,
@@ -250,20 +309,82 @@ def test_file_listing_and_traversal(N, pack, model_dirs):
     assert {"a14b.safetensors", "single.safetensors", "sub/nested.safetensors", "garbage.safetensors",
             "moe_in_loras.safetensors"} <= set(names)
     assert "plain_lora.safetensors" not in names  # a plain LoRA in loras/ is not offered
-    v = N.LoadLoRAMoE.validate_inputs
-    assert "adapter_set: 'medium-noise' is not one of" in v(lora_moe="a14b.safetensors", adapter_set="medium-noise")
-    assert "uncond:" in v(uncond="sometimes")
     assert "mode: 'psychic'" in N.PromptInstrumentRouter.validate_inputs(mode="psychic")
-    assert N.PromptInstrumentRouter.validate_inputs(mode="rule-based", no_instrument="off") is True
+    assert N.PromptInstrumentRouter.validate_inputs(mode="rule-based") is True
     assert N.LoadLoRAMoE.GET_NODE_INFO_V1()["input"]["required"]["lora_moe"][1]["options"] == names
     for evil in ("../a14b.safetensors", "/etc/passwd", "sub/../../lora_moe/a14b.safetensors", "", "a14b"):
         with pytest.raises(ValueError):
             common.resolve_lora_moe_file(evil)
         assert N.LoadLoRAMoE.validate_inputs(lora_moe=evil) is not True
     assert N.LoadLoRAMoE.validate_inputs(lora_moe="a14b.safetensors") is True
-    assert N.LoadLoRAMoE.validate_inputs(lora_moe="garbage.safetensors").startswith("lora_moe: garbage.safetensors: not a")
+    assert N.LoadLoRAMoE.validate_inputs(lora_moe="garbage.safetensors").startswith("garbage.safetensors: not a")
+    assert N.LoadLoRAMoE.validate_inputs(lora_moe="sub/nested.safetensors") is True
     assert N.LoadLoRAMoE.validate_inputs(lora_moe="moe_in_loras.safetensors") is True
     assert "so this is not a LoRA-MoE file" in N.LoadLoRAMoE.validate_inputs(lora_moe="plain_in_moe_dir.safetensors")
+
+
+def _load_prompt(routing_mode: str | None = "rule-based", **inputs) -> dict:
+    """An API prompt: UNETLoader -> Load LoRA-MoE (node "3"), with a Router (node "2") when routing_mode."""
+    load = dict({"model": ["1", 0], "lora_moe": "a14b.safetensors", "adapter_set": "auto", "alpha_base": 0.7,
+                 "alpha_expert": 1.0}, **inputs)
+    prompt = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "x.safetensors", "weight_dtype": "default"}},
+              "3": {"class_type": "WanLoRAMoE_LoadLoRAMoE", "inputs": load}}
+    if routing_mode:
+        prompt["2"] = {"class_type": "WanLoRAMoE_PromptRouter",
+                       "inputs": {"prompt": PROMPT, "mode": routing_mode, "top_k": 2, "temperature": 1.0}}
+        load["routing"] = ["2", 0]
+    return prompt
+
+
+def test_load_validation_reports_each_problem_once_on_lora_moe(N, model_dirs):
+    """Through ComfyUI's own validation: one error per problem, on lora_moe, naming the file as chosen, in the
+    widgets' words; what only the model can tell is left to the run."""
+    def errors(routing_mode="rule-based", **inputs):
+        return comfy_validate(N, _load_prompt(routing_mode, **inputs), "3")
+
+    root = str(model_dirs)
+    refused = {
+        "garbage.safetensors": ("auto", "rule-based", "garbage.safetensors: not a readable safetensors file"),
+        "truncated.safetensors": ("auto", "rule-based", "truncated.safetensors: not a readable safetensors file"),
+        "plain_in_moe_dir.safetensors": ("auto", "rule-based", "so this is not a LoRA-MoE file"),
+        "../a14b.safetensors": ("auto", "rule-based", "not in ComfyUI's 'lora_moe' or 'loras' model folders"),
+        "a14b_no_fp.safetensors": ("auto", None, "so adapter_set 'auto' cannot choose: set adapter_set to high-noise"),
+        "single.safetensors": ("low-noise", None, "single.safetensors has no low-noise adapter set"),
+        "sub/nested.safetensors": ("auto", "learned-from-file", "the Router's mode is learned-from-file, but "
+                                   "sub/nested.safetensors holds no learned router: set the Router's mode to rule-based"),
+    }
+    for name, (adapter_set, mode, message) in refused.items():
+        found = errors(mode, lora_moe=name, adapter_set=adapter_set)
+        assert_one_error(found, "lora_moe", message)
+        assert root not in json.dumps(found), found
+    assert_one_error(errors("learned-from-file", lora_moe="a14b_no_fp.safetensors", adapter_set="high-noise"),
+                     "lora_moe", "holds no learned router for its high-noise set")
+    assert_one_error(errors(alpha_base=-1.0), "alpha_base", "smaller than min of 0.0")  # ComfyUI's own check
+    for ok in ({}, {"lora_moe": "a14b_no_fp.safetensors", "adapter_set": "high-noise"},
+               {"lora_moe": "sub/nested.safetensors"}, {"lora_moe": "moe_in_loras.safetensors"},
+               {"lora_moe": ["9", 0]}, {"lora_moe": "a14b_no_fp.safetensors", "adapter_set": ["9", 0]}):
+        assert errors(**ok) == [], ok
+    assert errors("learned-from-file") == []
+    # An invalid adapter_set value (API prompts only) is not blamed on lora_moe: the node refuses it when it runs.
+    assert errors(adapter_set="medium-noise") == []
+
+
+def test_file_cache_is_bounded_and_a_replaced_file_is_run_again(N, pack, model_dirs):
+    cache = pack.nodes.common.LORA_MOE_CACHE
+    cache.clear()
+    folder = model_dirs / "lora_moe"
+    for name in ("a14b.safetensors", "single.safetensors", "sub/nested.safetensors", "a14b_no_fp.safetensors"):
+        cache.get(str(folder / name))
+        assert len(cache) <= cache.size == 2
+    path = folder / "sub" / "replaced.safetensors"
+    pack_fixtures.write_moe(pack_fixtures.tiny_single_moe(), path)
+    before = N.LoadLoRAMoE.fingerprint_inputs(lora_moe="sub/replaced.safetensors", model=None)
+    assert N.LoadLoRAMoE.fingerprint_inputs(lora_moe="sub/replaced.safetensors") == before
+    pack_fixtures.write_moe(pack_fixtures.tiny_single_moe(router=True), path)  # same size, new file
+    assert N.LoadLoRAMoE.fingerprint_inputs(lora_moe="sub/replaced.safetensors") != before
+    assert cache.get(str(path)).sets["default"].router is not None
+    path.unlink()
+    assert "unavailable" in N.LoadLoRAMoE.fingerprint_inputs(lora_moe="sub/replaced.safetensors")
 
 
 def _run(model, ctx=(1, 2), seed=3, **kw):
@@ -280,7 +401,7 @@ def test_load_matches_the_engine_and_leaves_the_input_alone(N, pack, model_dirs,
     patched = out.args[0]
     info = pack.moe_core.patch.moe_info(patched)
     assert info.set_name == "high_noise"  # auto: picked by the model's fingerprint
-    assert "[high_noise]" in out.ui["text"][0] and "Hook/Electrocautery 0.50" in out.ui["text"][0]
+    assert "[high-noise]" in out.ui["text"][0] and "Hook/Electrocautery 0.50" in out.ui["text"][0]
     moe = pack.moe_core.checkpoint.load_lora_moe(model_dirs / "lora_moe" / "a14b.safetensors")
     direct = pack.moe_core.patch.apply_lora_moe(hi, moe, adapter_set="high_noise", alpha_base=0.7, alpha_expert=1.0,
                                                 routing=routed.routing)
@@ -319,19 +440,29 @@ def test_load_learned_router_and_errors(N, pack, model_dirs, tiny_pair):
                                alpha_expert=1.0, routing=learned).args[0]
     assert pack.moe_core.patch.moe_info(ok).config.routing.mode == "learned"
     load = N.LoadLoRAMoE.execute
-    with pytest.raises(ValueError, match="no learned router"):
-        load(model=hi, lora_moe="a14b_no_fp.safetensors", adapter_set="high-noise", alpha_base=0.7, alpha_expert=1.0,
-             routing=learned)
-    with pytest.raises(ValueError, match="choose 'high_noise'"):  # two sets, no fingerprints: auto cannot tell
-        load(model=hi, lora_moe="a14b_no_fp.safetensors", adapter_set="auto", alpha_base=0.7, alpha_expert=1.0)
-    with pytest.raises(ValueError, match="has no 'high_noise' adapter set"):
-        load(model=hi, lora_moe="single.safetensors", adapter_set="high-noise", alpha_base=0.7, alpha_expert=1.0)
-    with pytest.raises(ValueError, match="truncated|not a readable"):
-        load(model=hi, lora_moe="truncated.safetensors", adapter_set="auto", alpha_base=0.7, alpha_expert=1.0)
-    with pytest.raises(ValueError, match="not in ComfyUI's"):
-        load(model=hi, lora_moe="../../etc/passwd", adapter_set="auto", alpha_base=0.7, alpha_expert=1.0)
+    root = str(model_dirs)
+    cases = [  # (file, adapter_set, routing, message): each names the file as chosen, in the widgets' words
+        ("a14b_no_fp.safetensors", "high-noise", learned,
+         "the Router's mode is learned-from-file, but a14b_no_fp.safetensors holds no learned router for its "
+         "high-noise set: set the Router's mode to rule-based"),
+        ("a14b_no_fp.safetensors", "auto", None,
+         "a14b_no_fp.safetensors holds high-noise and low-noise adapter sets but does not record which DiT each "
+         "belongs to, so adapter_set 'auto' cannot choose: set adapter_set to high-noise for the high-noise DiT"),
+        ("single.safetensors", "high-noise", None,
+         "single.safetensors has no high-noise adapter set: it holds one set for a single DiT; set adapter_set to "
+         "auto"),
+        ("truncated.safetensors", "auto", None, "truncated.safetensors: not a readable safetensors file"),
+        ("../../etc/passwd", "auto", None, "not in ComfyUI's"),
+        ("a14b.safetensors", "medium-noise", None, "adapter_set: 'medium-noise' is not one of ['auto', 'high-noise'"),
+        ("sub/nan.safetensors", "auto", None, "sub/nan.safetensors: set 'default', module 'blocks.6.self_attn.q', "
+         "expert0.lora_up: contains NaN or Inf values"),
+    ]
+    for name, adapter_set, routing, message in cases:
+        with pytest.raises(ValueError) as e:
+            load(model=hi, lora_moe=name, adapter_set=adapter_set, alpha_base=0.7, alpha_expert=1.0, routing=routing)
+        assert message in str(e.value) and root not in str(e.value), str(e.value)
     small = wan_fixtures.load_tiny_wan(wan_fixtures.tiny_wan_state_dict(0, num_layers=4))
-    with pytest.raises(ValueError, match="does not have"):  # the LoRA-MoE adapts blocks 6-9
+    with pytest.raises(ValueError, match="does not have"):  # the LoRA-MoE adapts blocks 6-9, records no depth
         load(model=small, lora_moe="single.safetensors", adapter_set="auto", alpha_base=0.7, alpha_expert=1.0)
     assert hi.get_attachment(pack.moe_core.patch.KEY) is None and not hi.object_patches
 
@@ -374,13 +505,27 @@ def test_band_node(N, pack, model_dirs, tiny_pair):
         assert pack.moe_core.patch.moe_info(m).config.band.to_json() == expected
 
 
-def test_band_errors(N, tiny_pair):
-    v = N.TimestepBandNode.validate_inputs
-    assert "start <= mid" in v(preset="three-level", start=0.7, mid=0.5, mid_factor=0.5, end=1.0)
-    assert "between 0 and 1" in v(preset="three-level", start=-0.1, mid=0.5, mid_factor=0.5, end=1.0)
-    assert "empty" in v(preset="three-level", start=1.0, mid=1.0, mid_factor=0.5, end=1.0)
-    assert v(preset="seeds default", start=0.7, mid=0.5, mid_factor=0.5, end=1.0) is True
-    assert "preset" in v(preset="sometimes")
+def test_band_errors(N, model_dirs, tiny_pair):
+    def errors(**values):
+        inputs = dict({"model": ["1", 0], "preset": "three-level", "start": 0.2, "mid": 0.6, "mid_factor": 0.5,
+                       "end": 1.0, "preview_steps": 4, "preview_shift": 8.0}, **values)
+        prompt = {"1": {"class_type": "UNETLoader", "inputs": {}},
+                  "2": {"class_type": "WanLoRAMoE_TimestepBand", "inputs": inputs}}
+        return comfy_validate(N, prompt, "2")
+
+    assert_one_error(errors(start=0.7, mid=0.5), "mid", "need 0 <= start <= mid <= end <= 1")
+    assert_one_error(errors(mid=0.8, end=0.7), "mid", "need 0 <= start <= mid <= end <= 1")
+    assert_one_error(errors(start=-0.1), "start", "smaller than min of 0.0")  # ComfyUI's own check
+    assert_one_error(errors(mid=1.5), "mid", "mid must be between 0 and 1")
+    assert_one_error(errors(start=1.0, mid=1.0), "mid", "empty")
+    assert errors(preset="seeds default", start=0.7, mid=0.5) == [] and errors() == []
+    assert errors(start=0.7, mid=0.5, end=["9", 0]) == [], "a linked value is checked when the node runs"
+    with pytest.raises(ValueError, match="preset must be one of"):  # API prompts only: refused when it runs
+        N.TimestepBandNode.execute(model=_patched(N, tiny_pair), preset="sometimes", start=0.2, mid=0.6,
+                                   mid_factor=0.5, end=1.0)
+    with pytest.raises(ValueError, match="need 0 <= start <= mid"):
+        N.TimestepBandNode.execute(model=_patched(N, tiny_pair), preset="three-level", start=0.7, mid=0.5,
+                                   mid_factor=0.5, end=1.0)
     plain = wan_fixtures.load_tiny_wan(tiny_pair[0])
     with pytest.raises(ValueError, match="carries no LoRA-MoE"):
         N.TimestepBandNode.execute(model=plain, preset="seeds default", start=0.2, mid=0.6, mid_factor=0.5, end=1.0)
