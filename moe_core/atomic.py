@@ -4,6 +4,11 @@ Checkpoints, LoRA-MoE files, manifests and cache files are read by later runs (a
 what they find. Writing them in place would leave a truncated file after a crash or Ctrl-C, which the next
 run could take for a valid one. ``os.replace`` within one folder is atomic on POSIX and Windows, so readers
 see either the old file or the complete new one.
+
+The finished file gets the mode any new file gets (``0o666`` less the umask, usually ``0o644``), set just
+before the rename: ``tempfile.mkstemp`` creates ``0o600`` files, and writers such as safetensors'
+``save_file`` replace the temporary file with a new ``0o600`` one, which a ComfyUI running as another
+user could not read.
 """
 from __future__ import annotations
 
@@ -12,6 +17,20 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -26,9 +45,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; cache and manifests are ordinary shared files
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # after writing: the writer may have replaced the file
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

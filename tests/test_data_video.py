@@ -95,6 +95,27 @@ def test_boxes_to_mask_covers_fractional_pixels():
 
 # ------------------------------------------------------------------------------------------ windows
 
+@pytest.mark.parametrize("frames, expected", [
+    (64, [0]),  # a 4 s clip, 61-frame windows: one window, not near-duplicates at 0/2/3
+    (91, [0]), (92, [0, 31]),  # a second window once it can start half a window (31 frames) later
+    (122, [0, 61]), (123, [0, 31, 62]),  # a third once all three can
+    (400, [0, 170, 339]),  # a long clip: three, evenly from start to end
+])
+def test_uniform_windows_share_at_most_half_their_frames(frames, expected):
+    windows = plan_windows(frames, ExtractionConfig(mode="uniform", max_frames=61, num_windows=3))
+    starts = [w.start for w in windows]
+    assert starts == expected and all(w.length == 61 for w in windows)
+    assert all(b - a >= 31 for a, b in zip(starts, starts[1:]))  # at most 30 of 61 frames shared
+    if len(windows) > 1:
+        assert starts[-1] + 61 == frames  # spread from the start to the very end
+
+
+def test_uniform_rule_is_part_of_the_cache_settings():
+    """Caches written under the old placement (near-duplicate uniform windows) must not be reused."""
+    uniform, head = ExtractionConfig(mode="uniform"), ExtractionConfig(mode="head")
+    assert uniform.settings()["uniform_windows"] == "half-overlap" and "uniform_windows" not in head.settings()
+
+
 def test_plan_windows_modes():
     head = plan_windows(100, ExtractionConfig(mode="head", max_frames=33))
     assert [(w.start, w.length) for w in head] == [(0, 33)]
@@ -103,7 +124,7 @@ def test_plan_windows_modes():
     slide = plan_windows(100, ExtractionConfig(mode="sliding", max_frames=33, stride=20))
     assert [w.start for w in slide] == [0, 20, 40, 60] and all(w.length == 33 for w in slide)
     short = plan_windows(30, ExtractionConfig(mode="uniform", max_frames=81, num_windows=3))
-    assert [(w.start, w.length) for w in short] == [(0, 29), (1, 29)]  # 4n+1 <= 30, windows deduplicated
+    assert [(w.start, w.length) for w in short] == [(0, 29)]  # 4n+1 <= 30: one window fits, not 0 and 1
     assert plan_windows(4, ExtractionConfig(min_frames=5)) == []
     with pytest.raises(ValueError, match="4n\\+1"):
         ExtractionConfig(max_frames=80)

@@ -83,10 +83,40 @@ def test_overrides_set_and_dotted_flags():
     assert cfg.output.plot is False
     with pytest.raises(ConfigError, match="did you mean train.learning_rate"):
         apply_overrides({}, ["learning_rate=1"], Stage1Config)
-    with pytest.raises(ConfigError, match="valid keys: model.dit"):
-        apply_overrides({}, ["train.lr=1"], Stage1Config)
     with pytest.raises(ConfigError, match="no section"):
         split_dotted_flags(["--trian.learning_rate", "1"], Stage1Config)
+
+
+@pytest.mark.parametrize("override, meant", [
+    ("train.learning_rat=1", "train.learning_rate"),  # a letter missing
+    ("trian.learning_rate=1", "train.learning_rate"),  # the section misspelled
+    ("learning_rate=1", "train.learning_rate"),  # no section
+    ("data.manifets=m.jsonl", "data.manifest"), ("objective.roi_wieght=2", "objective.roi_weight"),
+    ("model.dit_hihg=x", "model.dit_high"), ("output.save_evry=5", "output.save_every"),
+])
+def test_a_misspelled_override_suggests_the_close_key_not_the_whole_schema(override, meant):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides({}, [override], Stage1Config)
+    msg = str(e.value)
+    assert f"did you mean {meant}?" in msg and override in msg
+    others = [k for k in valid_keys(Stage1Config) if k != meant and k in msg.replace(meant, "")]
+    assert len(others) <= 2, f"the message lists {others}"  # not ~70 keys
+
+
+def test_unknown_keys_without_a_close_match_list_their_section_only():
+    with pytest.raises(ConfigError) as e:
+        apply_overrides({}, ["train.lr=1"], Stage1Config)
+    msg = str(e.value)
+    assert "valid keys in [train]:" in msg and "learning_rate" in msg and "model.dit" not in msg
+    assert "data." not in msg and "--print-config" in msg
+    with pytest.raises(ConfigError, match=r"with sections model, data, lora"):
+        apply_overrides({}, ["xyz=1"], Stage1Config)
+    with pytest.raises(ConfigError, match=r"did you mean --train.learning_rate\?"):
+        split_dotted_flags(["--trian.learning_rate", "1"], Stage1Config)
+    with pytest.raises(ConfigError, match=r"did you mean \[train\]\?"):
+        load_config(Stage1Config, text="[trian]\nseed = 1\n")
+    with pytest.raises(ConfigError, match=r"did you mean train.grad_accum\? valid keys in \[train\]"):
+        load_config(Stage1Config, text="[train]\ngrad_acum = 1\n")
 
 
 def test_printed_config_round_trips(tmp_path):

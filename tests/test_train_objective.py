@@ -71,3 +71,40 @@ def test_roi_weighted_mse():
     assert torch.allclose(weighted[0], torch.tensor(1.0))  # no ROI: the plain MSE
     assert torch.allclose(weighted[1], torch.tensor((7 * 1 + 3 * 9) / (7 + 3)))  # ROI cell counts 3x
     assert roi_weights(roi, 1.0) is None and roi_weights(None, 3.0) is None
+
+
+def _musubi_shift(n: int, shift: float, sigmoid_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """musubi-tuner's ``--timestep_sampling shift`` (``training/trainer_base.py``,
+    ``get_noisy_model_input_and_timesteps``): ``t = sigmoid(sigmoid_scale * randn)``, then
+    ``t = t * shift / (1 + (shift - 1) * t)``; rewritten here from its source as the oracle."""
+    t = torch.sigmoid(sigmoid_scale * torch.randn(n, generator=generator, dtype=torch.float64))
+    return t * shift / (1 + (shift - 1) * t)
+
+
+@pytest.mark.parametrize("shift, scale", [(3.0, 1.0), (5.0, 1.5)])
+def test_musubi_shift_sampling_is_this_packs_logit_normal(shift, scale):
+    theirs = _musubi_shift(200_000, shift, scale, torch.Generator().manual_seed(0)).float()
+    ours = TimestepSampler("logit_normal", shift, logit_scale=scale).sample(torch.Generator().manual_seed(1), 200_000)
+    plain = TimestepSampler("shift", shift).sample(torch.Generator().manual_seed(2), 200_000)
+    for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+        assert abs(float(torch.quantile(ours, q)) - float(torch.quantile(theirs, q))) < 0.01
+    assert abs(float(torch.quantile(plain, 0.05)) - float(torch.quantile(theirs, 0.05))) > 0.05  # not "shift"
+    share = float((theirs >= 0.875).float().mean())
+    assert abs(TimestepSampler("logit_normal", shift, logit_scale=scale).fraction_above(0.875) - share) < 0.005
+
+
+def test_docs_state_what_share_each_a14b_dit_gets_with_the_defaults():
+    from pathlib import Path
+
+    from training.config import Stage1Config, load_config
+
+    cfg = load_config(Stage1Config)
+    o = cfg.objective
+    high = TimestepSampler(o.timestep_sampling, o.shift, o.t_min, o.t_max, o.logit_scale
+                           ).fraction_above(cfg.model.boundary)
+    musubi_like = TimestepSampler("logit_normal", o.shift, o.t_min, o.t_max, 1.0).fraction_above(cfg.model.boundary)
+    # closed form: P(t >= 0.875) = P(u >= 0.7) = 1 - Phi(logit(0.7)) for logit-normal u and shift 3
+    assert musubi_like == pytest.approx(1 - 0.5 * (1 + math.erf(math.log(0.7 / 0.3) / math.sqrt(2))), abs=1e-9)
+    text = " ".join((Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text("utf-8").split())
+    assert f"{high:.0%} of the samples go to the high-noise DiT and {1 - high:.0%} to the low-noise DiT" in text
+    assert f"`logit_normal`, musubi-tuner's `shift` sampling: {musubi_like:.0%} / {1 - musubi_like:.0%}" in text

@@ -9,6 +9,11 @@ object with ``roi_boxes``) or a mask video ``<stem>.mask.<ext>`` (white = ROI). 
 range (the seeds' 2-20 s) are filtered. The manifest is written atomically and a summary names every clip
 that was filtered, lacks a caption, cannot be read, or has a broken ROI sidecar, so nothing disappears
 silently. Video paths are written relative to the manifest's folder.
+
+The container's frame count is checked by seeking to its last frames (cheap); a clip cut short (an
+interrupted copy whose index still reads) is counted by decoding, listed under "cut short" and judged by the
+frames that really decode. What FFmpeg prints about a damaged clip is collected and shown as one line per
+clip instead of raw decoder messages.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from training.data.manifest import ManifestError, parse_record, write_manifest
-from training.data.video_io import VIDEO_EXTENSIONS, VideoReadError, probe_video
+from training.data.video_io import VIDEO_EXTENSIONS, VideoReadError, ffmpeg_summary, native_stderr, probe_video
 
 MASK_TAG = ".mask"
 
@@ -35,13 +40,18 @@ class ScanResult:
     bad_caption: list[tuple[str, str]] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     bad_roi: list[tuple[str, str]] = field(default_factory=list)
+    #: Clips whose stream ends before the container's frame count (also listed as kept or rejected).
+    truncated: list[tuple[str, str]] = field(default_factory=list)
+    #: FFmpeg's messages about other clips, one line each.
+    decoder_messages: list[tuple[str, str]] = field(default_factory=list)
 
     def format(self) -> str:
         total = (len(self.kept) + len(self.filtered) + len(self.missing_caption) + len(self.bad_caption)
                  + len(self.unreadable) + len(self.bad_roi))
         lines = [f"scanned {total} clip(s): kept {len(self.kept)}"]
         sections = [("filtered by duration", self.filtered), ("unreadable", self.unreadable),
-                    ("bad caption", self.bad_caption), ("bad ROI sidecar", self.bad_roi)]
+                    ("bad caption", self.bad_caption), ("bad ROI sidecar", self.bad_roi),
+                    ("cut short", self.truncated), ("decoder messages", self.decoder_messages)]
         if self.missing_caption:
             lines.append(f"missing caption ({len(self.missing_caption)}):")
             lines.extend(f"  - {name} (no {Path(name).with_suffix('.txt').name})" for name in self.missing_caption)
@@ -112,12 +122,23 @@ def scan_clips(input_dir: str | Path, output: str | Path, min_duration: float = 
         except (OSError, ValueError) as exc:
             result.bad_roi.append((name, f"cannot read ROI sidecar: {exc}"))
             continue
+        messages: list[str] = []
         try:
-            info = probe_video(clip, count=count_frames or bool(roi))
+            with native_stderr(messages):
+                info = probe_video(clip, count=count_frames or bool(roi), verify_end=True)
         except VideoReadError as exc:
-            result.unreadable.append((name, exc.reason))
+            ffmpeg = ffmpeg_summary(messages)
+            result.unreadable.append((name, exc.reason + (f"; ffmpeg: {ffmpeg}" if ffmpeg else "")))
             continue
+        ffmpeg = ffmpeg_summary(messages)
         duration = info.duration
+        if info.truncated:
+            stated = info.container_frames / info.fps
+            result.truncated.append((name, f"the container says {info.container_frames} frames ({stated:.2f} s) "
+                                           f"but only {info.num_frames} decode ({duration:.2f} s)"
+                                           + (f"; ffmpeg: {ffmpeg}" if ffmpeg else "")))
+        elif ffmpeg:
+            result.decoder_messages.append((name, f"ffmpeg: {ffmpeg}"))
         if duration < min_duration:
             result.filtered.append((name, f"too short ({duration:.2f} s < {min_duration:g} s)"))
             continue

@@ -17,6 +17,7 @@ The stage-2 trainer (next issue) adds its own sections with the same machinery (
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -333,13 +334,40 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
+def _close(word: str, candidates: Sequence[str]) -> list[str]:
+    """The candidates spelled most like ``word`` (a typo's likely intent): the best, and up to two as close."""
+    found = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    scores = [difflib.SequenceMatcher(None, word, c).ratio() for c in found]
+    return [c for c, r in zip(found, scores) if r >= scores[0] - 0.02]
+
+
+def _did_you_mean(matches: Sequence[str], fmt: str = "{}") -> str:
+    return f"did you mean {' or '.join(fmt.format(m) for m in matches)}? " if matches else ""
+
+
+def suggest_keys(key: str, cls: type) -> list[str]:
+    """Valid ``section.key`` names close to a misspelled ``key`` (``train.learning_rat``, ``learning_rate``,
+    ``trian.learning_rate``)."""
+    keys = valid_keys(cls)
+    section, _, name = key.rpartition(".")
+    names = {k: k.split(".", 1)[1] for k in keys}
+    if section in _sections(cls):  # right section, misspelled name
+        found = _close(name, [n for k, n in names.items() if k.startswith(section + ".")])
+        return [f"{section}.{n}" for n in found]
+    if not section:  # no section: the name in any section
+        return [k for k in keys if names[k] == name] or [k for n in _close(name, names.values())
+                                                         for k in keys if names[k] == n]
+    return _close(key, keys)
+
+
 def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
     """Build and validate a config of schema ``cls`` from nested dicts; unknown keys are errors."""
     sections = _sections(cls)
     unknown = [k for k in data if k not in sections]
     if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(f'[{k}]' for k in unknown)}; valid sections: "
-                          f"{', '.join(f'[{k}]' for k in sections)}")
+        hint = _did_you_mean(_close(unknown[0], sections), "[{}]")
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(f'[{k}]' for k in unknown)}; {hint}valid "
+                          f"sections: {', '.join(f'[{k}]' for k in sections)}")
     built = {}
     for name, section_cls in sections.items():
         values = data.get(name, {})
@@ -349,8 +377,9 @@ def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config")
         fields = [f.name for f in dataclasses.fields(section_cls)]
         bad = [k for k in values if k not in fields]
         if bad:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in bad)}; valid keys in "
-                              f"[{name}]: {', '.join(fields)}")
+            hint = _did_you_mean([f"{name}.{k}" for b in bad for k in _close(b, fields)])
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in bad)}; {hint}valid keys "
+                              f"in [{name}]: {', '.join(fields)}")
         kwargs = {}
         for key, value in values.items():
             try:
@@ -384,7 +413,11 @@ def valid_keys(cls: type) -> list[str]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str], cls: type) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings to nested config dicts (a copy); unknown keys list the valid ones."""
+    """Apply ``section.key=value`` strings to nested config dicts (a copy).
+
+    An unknown key names the close valid ones (``difflib``), else the valid keys of its section, else the
+    sections: a short message, not the whole schema.
+    """
     data = json.loads(json.dumps(data))
     keys = valid_keys(cls)
     for item in overrides:
@@ -393,9 +426,18 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], cls: type) -
         key, text = item.split("=", 1)
         key = key.strip().lstrip("-").replace("-", "_")
         if key not in keys:
-            close = [k for k in keys if k.split(".")[-1] == key.split(".")[-1]]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"override {item!r}: unknown key {key!r}{hint}; valid keys: {', '.join(keys)}")
+            close = suggest_keys(key, cls)
+            section = key.rpartition(".")[0]
+            sections = _sections(cls)
+            if close:
+                listing = _did_you_mean(close).strip()
+            elif section in sections:
+                names = [f.name for f in dataclasses.fields(sections[section])]
+                listing = f"valid keys in [{section}]: {', '.join(names)}"
+            else:
+                listing = f"keys are section.name, with sections {', '.join(sections)}"
+            raise ConfigError(f"override {item!r}: unknown key {key!r}; {listing} (--print-config shows every key "
+                              "with its meaning)")
         section, name = key.split(".", 1)
         data.setdefault(section, {})[name] = parse_value(text.strip())
     return data
@@ -420,7 +462,8 @@ def split_dotted_flags(argv: Sequence[str], cls: type) -> tuple[list[str], list[
                 overrides.append(f"{key}={argv[i + 1]}")
                 i += 1
         elif m:
-            raise ConfigError(f"unknown flag {arg}: no section [{m.group(1)}]; valid sections: "
+            hint = _did_you_mean(suggest_keys(f"{m.group(1)}.{m.group(2).replace('-', '_')}", cls), "--{}")
+            raise ConfigError(f"unknown flag {arg}: no section [{m.group(1)}]; {hint}valid sections: "
                               f"{', '.join(sorted(sections))}")
         else:
             rest.append(arg)

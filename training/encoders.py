@@ -10,12 +10,18 @@ the loaded ComfyUI encoder gets that same identity, so caches are keyed consiste
 Special encoder names for tests and the CPU demo (never for real training): ``demo:hash`` (the hashing
 stand-in for UMT5, ``training.data.synthetic.HashTextEncoder``) and ``demo:pooling`` (the pooling stand-in for
 the VAE, ``PoolingVideoEncoder``).
+
+:func:`precheck_encoders` reads the headers of the VAE and text-encoder files before anything is encoded
+(``training.model_files``), and :func:`prepare` checks every text embedding, computed or cached, against the
+DiT's text width: a wrong file is an error naming ``data.vae`` / ``data.text_encoder`` and the file, not a
+shape error deep inside the first training step.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -34,8 +40,9 @@ class EncoderFileError(ValueError):
 
 def resolve_in_folder(spec: str, folder: str, what: str) -> Path:
     """A path, or a file name in one of ComfyUI's model folders (``vae``, ``text_encoders``)."""
+    key = "data.vae" if folder == "vae" else "data.text_encoder"
     if not spec:
-        raise EncoderFileError(f"no {what} given (set data.{'vae' if folder == 'vae' else 'text_encoder'})")
+        raise EncoderFileError(f"no {what} given (set {key})")
     p = Path(spec).expanduser()
     if p.is_file():
         return p.absolute()
@@ -48,8 +55,8 @@ def resolve_in_folder(spec: str, folder: str, what: str) -> Path:
         where = ", ".join(folder_paths.get_folder_paths(folder))
     except Exception as e:  # pragma: no cover
         where = f"(ComfyUI folders unavailable: {e})"
-    raise EncoderFileError(f"{what} {spec!r} not found: not a file, and not a name in ComfyUI's {folder} folder(s) "
-                           f"{where}")
+    raise EncoderFileError(f"{key} = {spec!r}: {what} not found: not a file, and not a name in ComfyUI's {folder} "
+                           f"folder(s) {where}")
 
 
 def file_identity(path: Path, kind: str) -> str:
@@ -127,6 +134,84 @@ def text_encoder(spec: str, clip_type: str = "wan"):
                             lambda p, ident: ComfyTextEncoder.from_file(p, clip_type=clip_type, identity=ident))
 
 
+def precheck_encoders(data_cfg, dit_path: str | os.PathLike | None = None, video: bool = True,
+                      text: bool = True) -> int | None:
+    """Check the configured VAE and text-encoder files against the DiT from their headers alone.
+
+    Args:
+        dit_path: a DiT of the run (its header gives the latent channels and the text width), or None.
+        video / text: check ``data.vae`` / ``data.text_encoder`` (False where the caller injects an encoder).
+
+    Returns:
+        The text width the DiT takes (4096 for WAN), or None when it cannot be read from a header.
+
+    Raises:
+        EncoderFileError: naming the config key and the file, and saying what the file looks like.
+    """
+    from .model_files import HeaderError, is_safetensors, read_header, umt5_problem, wan_dit_layout, wan_vae_problem
+
+    dit = None
+    if dit_path is not None and is_safetensors(dit_path):
+        try:
+            dit = wan_dit_layout(read_header(dit_path).shapes)
+        except (OSError, HeaderError):
+            dit = None  # precheck_dit reports the DiT's own problems
+    checks = [("data.vae", data_cfg.vae, DEMO_VAE, "vae", "VAE", video,
+               lambda h: wan_vae_problem(h, dit.in_channels if dit else None)),
+              ("data.text_encoder", data_cfg.text_encoder, DEMO_TEXT, "text_encoders", "text encoder", text,
+               lambda h: umt5_problem(h, dit.text_dim if dit else None))]
+    for key, spec, demo, folder, what, wanted, problem_of in checks:
+        if not wanted or spec == demo:
+            continue
+        path = resolve_in_folder(spec, folder, what)
+        if not is_safetensors(path):
+            continue  # .pt / .ckpt / .gguf: only loading the file can tell
+        try:
+            problem = problem_of(read_header(path))
+        except HeaderError as exc:
+            problem = str(exc).removeprefix(f"{path}: ")
+        if problem:
+            raise EncoderFileError(f"{key} = {str(path)!r}: {problem}")
+    return dit.text_dim if dit else None
+
+
+class TextWidthCheck:
+    """A text encoder whose every output is checked against the DiT's text width (``identity`` passes through).
+
+    A wrong encoder that no header check caught (a ``.pt`` file, an injected encoder) then fails at its first
+    caption with the config key in the message, not at the first training step.
+    """
+
+    def __init__(self, encoder, text_dim: int, source: str):
+        self.encoder, self.text_dim, self.source = encoder, int(text_dim), source
+        self.identity = getattr(encoder, "identity", None)
+
+    def __call__(self, caption: str):
+        context = self.encoder(caption)
+        width = getattr(context, "shape", (None,))[-1]
+        if width != self.text_dim:
+            raise EncoderFileError(f"data.text_encoder = {self.source!r}: it made embeddings of shape "
+                                   f"{list(getattr(context, 'shape', []))} but the DiT takes {self.text_dim}-wide "
+                                   "text (UMT5-XXL for WAN)")
+        return context
+
+
+def check_cached_text(prepared, text_dim: int, source: str) -> None:
+    """Every text embedding the dataset uses, cached earlier or just now, is ``[L, text_dim]`` (header read)."""
+    from .model_files import read_header
+
+    seen = set()
+    for entry in prepared.dataset.entries:
+        if entry.text_path is None or entry.text_path in seen:
+            continue
+        seen.add(entry.text_path)
+        shape = read_header(entry.text_path).shapes.get("context")
+        if shape is None or len(shape) != 2 or shape[1] != text_dim:
+            raise EncoderFileError(f"data.text_encoder = {source!r}: the cached text embedding {entry.text_path} "
+                                   f"(caption of {entry.record.name}) has shape {list(shape or [])}, but the DiT "
+                                   f"takes {text_dim}-wide text (UMT5-XXL for WAN)")
+
+
 def extraction_config(data_cfg):
     from .data.video_io import ExtractionConfig
 
@@ -143,27 +228,42 @@ class NoUsableClipsError(ValueError):
     """Every clip of the manifest was skipped (unreadable, too short, no instrument, bad ROI)."""
 
 
-def prepare(data_cfg, log_fn: Callable[[str], None] | None = None, encode_video=None, encode_text=None):
+def prepare(data_cfg, log_fn: Callable[[str], None] | None = None, encode_video=None, encode_text=None,
+            text_dim: int | None = None):
     """Manifest -> labels -> cache -> dataset, with encoders from the config unless given (tests inject them).
+
+    Args:
+        text_dim: the DiT's text width; every embedding (computed or cached) must have it.
 
     Raises ManifestError / NoInstrumentError / NoUsableClipsError / EncoderFileError with clear messages;
     cached files are only ever added or replaced atomically, never deleted on failure.
     """
     from .data.cache import prepare_dataset
+    from .data.manifest import ManifestError
 
     if not data_cfg.manifest:
         raise EncoderFileError("no manifest given (set data.manifest; python -m training.build_manifest makes one)")
+    if not Path(data_cfg.manifest).is_file():
+        raise ManifestError("file not found (data.manifest; python -m training.build_manifest --input-dir CLIPS "
+                            "--output MANIFEST writes one)", Path(data_cfg.manifest).absolute())
+    injected = encode_text is not None
     encode_video = encode_video if encode_video is not None else video_encoder(data_cfg.vae)
-    encode_text = encode_text if encode_text is not None else text_encoder(data_cfg.text_encoder)
+    encode_text = encode_text if injected else text_encoder(data_cfg.text_encoder)
+    source = str(getattr(encode_text, "path", None)
+                 or (getattr(encode_text, "identity", None) if injected else data_cfg.text_encoder))
+    if text_dim is not None:
+        encode_text = TextWidthCheck(encode_text, text_dim, source)
     try:
         prepared = prepare_dataset(data_cfg.manifest, data_cfg.cache_dir, encode_video, encode_text,
                                    extraction_config(data_cfg), no_instrument=data_cfg.no_instrument,
                                    latent_dtype=_DTYPES[data_cfg.latent_dtype],
                                    text_dtype=_DTYPES[data_cfg.text_dtype], log=log_fn)
     finally:
-        for enc in (encode_video, encode_text):
+        for enc in (encode_video, getattr(encode_text, "encoder", encode_text)):
             if isinstance(enc, LazyComfyEncoder) and enc.loaded:
                 enc.release()
+    if text_dim is not None:
+        check_cached_text(prepared, text_dim, source)
     if len(prepared.dataset) == 0:
         raise NoUsableClipsError(f"no usable clips in {data_cfg.manifest}: every clip was skipped.\n"
                                  + prepared.format())
@@ -179,5 +279,6 @@ def dataset_id(prepared) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["DEMO_TEXT", "DEMO_VAE", "EncoderFileError", "LazyComfyEncoder", "NoUsableClipsError", "dataset_id",
-           "extraction_config", "file_identity", "prepare", "resolve_in_folder", "text_encoder", "video_encoder"]
+__all__ = ["DEMO_TEXT", "DEMO_VAE", "EncoderFileError", "LazyComfyEncoder", "NoUsableClipsError", "TextWidthCheck",
+           "check_cached_text", "dataset_id", "extraction_config", "file_identity", "precheck_encoders", "prepare",
+           "resolve_in_folder", "text_encoder", "video_encoder"]

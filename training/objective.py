@@ -9,12 +9,26 @@ and the DiT is called with ``timestep = 1000 * t`` (what ComfyUI's ``model_sampl
 for WAN; sigma *is* t under flow matching). ComfyUI's sampler turns the prediction back into a clean-sample
 estimate with ``x0_hat = x_t - t * v``, so training the velocity trains exactly what inference uses.
 
-Timesteps: ``u`` from a base distribution (uniform, or logit-normal), then the shift every flow-matching
-trainer for WAN uses (musubi-tuner's ``shift`` sampling), ``t = s*u / (1 + (s - 1)*u)``, which moves mass
-towards high noise. A range ``[t_min, t_max]`` (stage 2 trains experts on [0.2, 1.0], A14B gives each DiT its
-own side of the 0.875 boundary) *truncates* that distribution exactly: ``u`` is drawn between the pre-images of
-``t_min`` and ``t_max`` (the shift is monotonic), so inside the range the density is the shifted one, not a
-squashed copy of the full range.
+Timesteps: ``u`` from a base distribution, then the flow shift ``t = s*u / (1 + (s - 1)*u)`` (ComfyUI's
+``time_snr_shift``), which moves mass towards high noise:
+
+* ``shift`` (the default): ``u`` uniform. These are the noise levels a sampler visits with ComfyUI's shift-``s``
+  model sampling (``ModelSamplingSD3``) and evenly spaced steps (the ``simple`` scheduler takes evenly spaced
+  entries of the table ``time_snr_shift(s, k / 1000)``).
+* ``logit_normal``: ``u = sigmoid(logit_scale * z)``, ``z ~ N(0, 1)``, then shifted. This is what musubi-tuner
+  calls ``--timestep_sampling shift`` (with ``--discrete_flow_shift s --sigmoid_scale logit_scale``), the
+  setting its WAN guide shows; it puts less mass at both ends than ``shift``.
+* ``uniform``: ``t`` uniform, no shift (musubi-tuner's ``uniform``).
+
+A range ``[t_min, t_max]`` (stage 2 trains experts on [0.2, 1.0], A14B gives each DiT its own side of the
+0.875 boundary) *truncates* that distribution exactly: ``u`` is drawn between the pre-images of ``t_min`` and
+``t_max`` (the shift is monotonic), so inside the range the density is the shifted one, not a squashed copy of
+the full range (musubi-tuner rescales into its ``--min_timestep``/``--max_timestep`` range unless given
+``--preserve_distribution_shape``, which rejects samples outside it: the truncation used here).
+
+With the defaults (``shift``, s = 3) the A14B high-noise DiT (t >= 0.875) gets 30% of the samples and the
+low-noise DiT 70%; with ``logit_normal`` (s = 3, scale 1) about 20% / 80%; with ``uniform`` 12.5% / 87.5%
+(:meth:`TimestepSampler.fraction_above`; the trainer prints the figure of its run at start).
 
 Everything takes explicit ``torch.Generator`` objects: the loop derives one per sample from (seed, sample
 position), which makes noise and timesteps independent of how samples are split over processes and
@@ -40,7 +54,7 @@ class TimestepSampler:
 
     Attributes:
         sampling: ``shift`` (uniform u, then shifted), ``uniform`` (t uniform, no shift) or ``logit_normal``
-            (u = sigmoid(scale * z), z ~ N(0, 1), then shifted; SD3-style).
+            (u = sigmoid(scale * z), z ~ N(0, 1), then shifted; musubi-tuner's ``shift`` sampling).
         shift: the flow shift s (1 = none); ignored by ``uniform``.
         t_min, t_max: the range; the distribution is truncated to it exactly.
         logit_scale: spread of ``logit_normal``.

@@ -183,7 +183,7 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
     import torch
 
     from .config import config_to_dict
-    from .encoders import dataset_id, prepare
+    from .encoders import dataset_id, precheck_encoders, prepare
     from .determinism import init_distributed, resolve_device
     from .loop import Trainer, total_steps_for
     from .models import precheck_dit, resolve_model_path
@@ -210,21 +210,25 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
         if dist.is_main:
             _check_output_dir(out_dir, resume, overwrite or cfg.demo.enabled)
         # fail on a wrong model file before spending time on encoding
+        dit_files = []
         for key in ("dit", "dit_high", "dit_low"):
             spec = getattr(cfg.model, key)
             if spec and (key == "dit" or key.replace("dit_", "") + "_noise" in cfg.model.train_dits):
                 what = {"dit": "DiT", "dit_high": "high_noise DiT", "dit_low": "low_noise DiT"}[key]
-                precheck_dit(resolve_model_path(spec, what), what)
+                dit_files.append(resolve_model_path(spec, what))
+                precheck_dit(dit_files[-1], what)
 
         # data: the main process encodes what is missing, the others then find everything cached
         video_enc, text_enc = encoders if encoders is not None else (None, None)
+        text_dim = precheck_encoders(cfg.data, dit_files[0] if dit_files else None, video=video_enc is None,
+                                     text=text_enc is None)
         prepared = None
         if dist.is_main:
-            prepared = prepare(cfg.data, say, video_enc, text_enc)
+            prepared = prepare(cfg.data, say, video_enc, text_enc, text_dim=text_dim)
             say(prepared.format())
         dist.barrier()
         if not dist.is_main:
-            prepared = prepare(cfg.data, None, video_enc, text_enc)
+            prepared = prepare(cfg.data, None, video_enc, text_enc, text_dim=text_dim)
         dataset = prepared.dataset
 
         expert_names = list(DEFAULT_EXPERT_NAMES)

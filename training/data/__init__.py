@@ -28,8 +28,8 @@ _EXPORTS = {
     "synthetic": ("HashTextEncoder", "PoolingVideoEncoder", "make_synthetic_dataset", "render_clip", "write_clip"),
     "video_io": ("VIDEO_EXTENSIONS", "ClipTooShortError", "ClipWindow", "DecodedClip", "ExtractionConfig",
                  "Geometry", "RoiMismatchError", "VideoInfo", "VideoReadError", "Window", "boxes_to_mask",
-                 "bucket_size", "frames_4n1", "frames_to_tensor", "load_clip", "plan_windows", "probe_video",
-                 "resample_indices", "write_video"),
+                 "bucket_size", "ffmpeg_summary", "frames_4n1", "frames_to_tensor", "load_clip", "native_stderr",
+                 "plan_windows", "probe_video", "resample_indices", "sample_aspect", "write_video"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

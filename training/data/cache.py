@@ -12,8 +12,9 @@ A latent file holds ``latent`` ``[C, F', H/8, W/8]`` (raw VAE output: *not* norm
 latent format), ``source_indices`` ``[F]``, and when the clip has ROI ``roi_boxes`` ``[F, 4]`` (bucket
 pixels, NaN rows = no box) and ``roi_latent`` ``[F', H/8, W/8]`` (ROI coverage on the latent grid). A text
 file holds ``context`` ``[L, 4096]``. The safetensors header metadata records the format version, source
-path, size and ``mtime_ns`` (and the ROI mask's), the settings hash and settings (extraction, encoder
-identity, dtype, ROI annotation), and the window's place in the clip.
+path, size and ``mtime_ns`` (and the ROI mask's, and the sample aspect ratio of a clip with non-square
+pixels), the settings hash and settings (extraction, encoder identity, dtype, ROI annotation), and the
+window's place in the clip.
 
 Invalidation: an entry is reused only if its metadata matches the current source stat and settings hash;
 otherwise that clip is decoded again and only the stale or missing windows are encoded. Changing a setting
@@ -37,7 +38,7 @@ import torch
 from moe_core.atomic import atomic_path
 from .labels import ClipLabel, LabelReport
 from .manifest import ClipRecord
-from .video_io import ClipWindow, ExtractionConfig, VideoReadError, frames_to_tensor, load_clip
+from .video_io import ClipWindow, ExtractionConfig, VideoReadError, frames_to_tensor, load_clip, sample_aspect
 
 CACHE_FORMAT_VERSION = "1"
 
@@ -297,6 +298,9 @@ def _cache_clip(record: ClipRecord, cache_dir: Path, encode_video, video_id: str
     source = {"format_version": CACHE_FORMAT_VERSION, "kind": "latent", "source_path": str(video),
               "source_size": size, "source_mtime_ns": mtime, "roi": _roi_fingerprint(record),
               "roi_mask_size": mask_size, "roi_mask_mtime_ns": mask_mtime, "settings_hash": shash}
+    sar = sample_aspect(video)
+    if sar != 1.0:  # non-square pixels are decoded to their display aspect (entries written before were not)
+        source["sample_aspect"] = f"{sar:.6g}"
     clip_dir = cache_dir / "latents" / clip_key(video)
 
     def entry(meta: dict[str, str], path: Path) -> LatentEntry:

@@ -7,13 +7,19 @@ upscaled pixels would teach the model blur.
 
 Frames are read with OpenCV (``cv2.VideoCapture``), resampled by nearest timestamp (constant frame rate
 assumed), resized with area filtering into a bucket (scale to cover, then centre crop) and returned as
-uint8 RGB ``[F, H, W, 3]``. ROI boxes given per source frame and ROI mask videos follow exactly the same frame
-selection and geometry. ``write_video`` writes mp4 with imageio-ffmpeg (libx264, yuv420p).
+uint8 RGB ``[F, H, W, 3]``. Non-square pixels are honoured: a 720x576 PAL clip with a 4:3 display aspect
+(sample aspect ratio 16:15) is bucketed and resized as the 768x576 picture it shows, not as 720x576. ROI boxes
+given per source frame and ROI mask videos follow exactly the same frame selection and geometry.
+``write_video`` writes mp4 with imageio-ffmpeg (libx264, yuv420p).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -53,17 +59,36 @@ def _cv2():
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the container says about a clip (``num_frames`` is exact only with ``probe_video(count=True)``)."""
+    """What the container says about a clip (``num_frames`` is exact only with ``probe_video(count=True)``).
+
+    Attributes:
+        width, height: stored frame size in pixels.
+        sar: sample (pixel) aspect ratio, pixel width / pixel height (1.0 for square pixels).
+        container_frames: the frame count the container states, when it was checked against the stream
+            (``count=True`` or ``verify_end=True``); ``num_frames`` is then what really decodes.
+    """
 
     path: Path
     width: int
     height: int
     fps: float
     num_frames: int
+    sar: float = 1.0
+    container_frames: int | None = None
 
     @property
     def duration(self) -> float:
         return self.num_frames / self.fps
+
+    @property
+    def display_width(self) -> int:
+        """Width of the picture as it is meant to be shown (``width * sar``)."""
+        return max(1, round(self.width * self.sar))
+
+    @property
+    def truncated(self) -> bool:
+        """The stream ends before the container's frame count (a cut-short file)."""
+        return self.container_frames is not None and self.num_frames < self.container_frames
 
 
 def _open(path: Path):
@@ -77,11 +102,58 @@ def _open(path: Path):
     return cap
 
 
-def probe_video(path: str | os.PathLike, count: bool = False) -> VideoInfo:
-    """Size, frame rate and frame count of a clip, after checking that its first frame decodes.
+#: Frames read at the end of a clip by ``probe_video(verify_end=True)``.
+TAIL_FRAMES = 4
+
+
+def _sample_aspect(cap) -> float:
+    """The stream's sample aspect ratio (FFmpeg's SAR), 1.0 when unknown or implausible."""
+    cv2 = _cv2()
+    num, den = cap.get(cv2.CAP_PROP_SAR_NUM), cap.get(cv2.CAP_PROP_SAR_DEN)
+    if not (num > 0 and den > 0):
+        return 1.0
+    sar = float(num) / float(den)
+    return sar if 0.1 < sar < 10.0 else 1.0
+
+
+def sample_aspect(path: str | os.PathLike) -> float:
+    """The clip's sample aspect ratio (1.0 for square pixels), from the container without decoding."""
+    cap = _open(Path(path))
+    try:
+        return _sample_aspect(cap)
+    finally:
+        cap.release()
+
+
+def _count_from(cap, start: int) -> int:
+    n = start
+    while cap.grab():
+        n += 1
+    return n
+
+
+def _end_decodes(path: Path, reported: int) -> bool:
+    """Seek to the last ``TAIL_FRAMES`` the container claims and check that exactly those decode."""
+    cv2 = _cv2()
+    cap = _open(path)
+    try:
+        start = max(0, reported - TAIL_FRAMES)
+        if start and not cap.set(cv2.CAP_PROP_POS_FRAMES, start):
+            return False
+        if int(round(cap.get(cv2.CAP_PROP_POS_FRAMES))) != start:
+            return False  # the seek landed elsewhere: the index points past the data
+        return _count_from(cap, start) == reported
+    finally:
+        cap.release()
+
+
+def probe_video(path: str | os.PathLike, count: bool = False, verify_end: bool = False) -> VideoInfo:
+    """Size, frame rate, pixel aspect and frame count of a clip, after checking that its first frame decodes.
 
     Args:
         count: decode the whole stream to count frames exactly; containers may report a wrong count.
+        verify_end: cheaply check the container's count by seeking to its last frames; only when they do
+            not decode there is the stream decoded to count (a cut-short file: ``info.truncated``).
 
     Raises:
         VideoReadError: unopenable file, unknown frame rate, or no decodable frame.
@@ -97,16 +169,69 @@ def probe_video(path: str | os.PathLike, count: bool = False) -> VideoInfo:
         if not ok or frame is None:
             raise VideoReadError(path, "no decodable frames")
         height, width = frame.shape[:2]
+        sar = _sample_aspect(cap)
         reported = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        checked = None
         if count or reported <= 0:
-            n = 1
-            while cap.grab():
-                n += 1
+            n = _count_from(cap, 1)
+            checked = reported if reported > 0 else None
         else:
             n = reported
     finally:
         cap.release()
-    return VideoInfo(path=path, width=int(width), height=int(height), fps=fps, num_frames=n)
+    if verify_end and checked is None and not _end_decodes(path, reported):
+        cap = _open(path)
+        try:
+            n, checked = _count_from(cap, 0), reported
+        finally:
+            cap.release()
+        if n == 0:
+            raise VideoReadError(path, "no decodable frames")
+    return VideoInfo(path=path, width=int(width), height=int(height), fps=fps, num_frames=n, sar=sar,
+                     container_frames=checked)
+
+
+_FFMPEG_PREFIX = re.compile(r"^\s*(\[[^\]]*@ 0x[0-9a-f]+\]\s*)+")
+
+
+@contextlib.contextmanager
+def native_stderr(lines: list[str]):
+    """Collect what native code (OpenCV's FFmpeg) writes to file descriptor 2 while the block runs.
+
+    FFmpeg reports a damaged file with many raw lines (``[h264 @ 0x55..] Invalid NAL unit size``) that would
+    otherwise land, unattributed, between a tool's own output; callers turn them into one line per clip
+    (:func:`ffmpeg_summary`). The lines are appended to ``lines`` when the block ends.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines())
+
+
+_FILE_LEVEL = re.compile(r"partial file|ended prematurely|moov atom|truncat|end of file|invalid data", re.I)
+
+
+def ffmpeg_summary(lines: Sequence[str], limit: int = 2) -> str:
+    """FFmpeg's messages as one line: distinct messages (numbers aside) without their ``[codec @ 0x..]``
+    prefixes, messages about the file itself (``partial file``, ``File ended prematurely``) first."""
+    seen: dict[str, str] = {}
+    for line in lines:
+        text = _FFMPEG_PREFIX.sub("", line).strip()
+        if text and not text.startswith("Last message repeated"):
+            seen.setdefault(re.sub(r"0x[0-9a-fA-F]+|\d+", "#", text), text)
+    messages = sorted(seen.values(), key=lambda m: not _FILE_LEVEL.search(m))  # stable: FFmpeg's order otherwise
+    if not messages:
+        return ""
+    more = f" (+{len(messages) - limit} more)" if len(messages) > limit else ""
+    return "; ".join(messages[:limit]) + more
 
 
 # ---------------------------------------------------------------------------------- pure frame planning
@@ -165,8 +290,9 @@ class ExtractionConfig:
     """How windows are cut from a clip. Every field changes the pixels, so all of them enter cache keys.
 
     Attributes:
-        mode: ``head`` (one window from the start), ``uniform`` (``num_windows`` windows spread evenly over
-            the clip, overlapping when the clip is short), ``sliding`` (windows every ``stride`` frames).
+        mode: ``head`` (one window from the start), ``uniform`` (up to ``num_windows`` windows spread evenly
+            from the start to the end of the clip; neighbours share at most half their frames, so a clip
+            shorter than the windows need gives fewer), ``sliding`` (windows every ``stride`` frames).
         max_frames: window length cap; the length used is the largest 4n+1 that fits the clip and the cap.
         min_frames: clips with fewer resampled frames are skipped (reported), not padded.
         num_windows: windows per clip in ``uniform`` mode.
@@ -203,9 +329,12 @@ class ExtractionConfig:
 
     def settings(self) -> dict:
         """Plain dict of every field (what cache keys hash)."""
-        return {"mode": self.mode, "max_frames": self.max_frames, "min_frames": self.min_frames,
-                "num_windows": self.num_windows, "stride": self.stride, "target_fps": self.target_fps,
-                "target_area": self.target_area, "bucket_step": self.bucket_step}
+        settings = {"mode": self.mode, "max_frames": self.max_frames, "min_frames": self.min_frames,
+                    "num_windows": self.num_windows, "stride": self.stride, "target_fps": self.target_fps,
+                    "target_area": self.target_area, "bucket_step": self.bucket_step}
+        if self.mode == "uniform":
+            settings["uniform_windows"] = "half-overlap"  # the placement rule: caches of the old rule are stale
+        return settings
 
 
 @dataclass(frozen=True)
@@ -227,7 +356,10 @@ def plan_windows(num_resampled: int, config: ExtractionConfig) -> list[Window]:
     if config.mode == "head":
         starts = [0]
     elif config.mode == "uniform":
-        starts = sorted({int(round(s)) for s in np.linspace(0, last_start, config.num_windows)})
+        # Neighbouring windows start at least half a window apart (they share at most half their frames):
+        # a short clip gives fewer windows instead of near-duplicates (4 s, 61 frames: one, not starts 0/2/3).
+        count = min(config.num_windows, 1 + last_start // ((length + 1) // 2))
+        starts = sorted({int(round(s)) for s in np.linspace(0, last_start, count)})
     else:
         stride = config.stride or length
         starts = list(range(0, last_start + 1, stride))
@@ -246,10 +378,12 @@ class Geometry:
     offset: tuple[int, int]
 
     @classmethod
-    def for_bucket(cls, width: int, height: int, bucket: tuple[int, int]) -> "Geometry":
+    def for_bucket(cls, width: int, height: int, bucket: tuple[int, int], sar: float = 1.0) -> "Geometry":
+        """Cover ``bucket`` with the picture as displayed: stored ``width`` pixels span ``width * sar``."""
         bw, bh = bucket
-        scale = max(bw / width, bh / height)
-        rw, rh = max(bw, round(width * scale)), max(bh, round(height * scale))
+        shown = width * sar
+        scale = max(bw / shown, bh / height)
+        rw, rh = max(bw, round(shown * scale)), max(bh, round(height * scale))
         return cls(src=(width, height), out=(bw, bh), resized=(rw, rh), offset=((rw - bw) // 2, (rh - bh) // 2))
 
     def apply(self, image: np.ndarray) -> np.ndarray:
@@ -386,10 +520,10 @@ def load_clip(path: str | os.PathLike, config: ExtractionConfig = ExtractionConf
     path = Path(path)
     info = probe_video(path)
     try:
-        bucket = bucket_size(info.width, info.height, config.target_area, config.bucket_step)
+        bucket = bucket_size(info.display_width, info.height, config.target_area, config.bucket_step)
     except ValueError as exc:
         raise VideoReadError(path, str(exc)) from None
-    geometry = Geometry.for_bucket(info.width, info.height, bucket)
+    geometry = Geometry.for_bucket(info.width, info.height, bucket, info.sar)
     warnings: list[str] = []
 
     num_src = info.num_frames
@@ -416,7 +550,7 @@ def load_clip(path: str | os.PathLike, config: ExtractionConfig = ExtractionConf
     else:  # pragma: no cover - the count can only shrink once to the real count
         raise VideoReadError(path, "frame count keeps changing while decoding")
     container_frames = info.num_frames
-    info = VideoInfo(path, info.width, info.height, info.fps, num_src)
+    info = VideoInfo(path, info.width, info.height, info.fps, num_src, info.sar)
 
     box_array = None
     if roi_boxes is not None:
