@@ -182,7 +182,8 @@ def adapter_set_problem(source: str, fingerprinted: Mapping[str, bool], choice: 
         if name in fingerprinted:
             return None
         held = "one set for a single DiT" if list(fingerprinted) == ["default"] else f"{_labels(fingerprinted)} sets"
-        return f"{source} has no {SET_LABELS.get(name, repr(choice))} adapter set: it holds {held}; set adapter_set to auto"
+        return (f"{source} has no {SET_LABELS.get(name, repr(choice))} adapter set: it holds {held}; set "
+                "adapter_set to auto")
     if len(fingerprinted) > 1 and not any(fingerprinted.values()):
         return (f"{source} holds {_labels(fingerprinted)} adapter sets but does not record which DiT each belongs "
                 "to, so adapter_set 'auto' cannot choose: set adapter_set to high-noise for the high-noise DiT and "

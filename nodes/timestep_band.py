@@ -104,7 +104,8 @@ class TimestepBandNode(io.ComfyNode):
         names = info.moe.expert_names
         boundary = A14B_T2V_BOUNDARY if info.set_name in ("high_noise", "low_noise") else None
         routing = config.routing
-        title = f"{SET_LABELS.get(info.set_name, info.set_name)}: " + (routing.describe() if routing is not None else "no routing (experts off)")
+        title = f"{SET_LABELS.get(info.set_name, info.set_name)}: " + (
+            routing.describe() if routing is not None else "no routing (experts off)")
         picture = render_schedule(routing, names, band, steps=preview_steps, shift=preview_shift,
                                   ema_beta=config.ema_beta, router=router, boundary=boundary, title=title)
         image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]

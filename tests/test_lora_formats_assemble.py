@@ -176,7 +176,8 @@ def test_stage1_loras_carry_their_dit_into_the_assembled_file(tmp_path, tiny_wan
     low = wan_fixtures.load_tiny_wan(tiny_wan_state_dict(1))
     assert select_adapter_set(moe, low, "auto") == "low_noise"
     # The same LoRAs given for the wrong DiT, or mixed with another DiT's file, are refused at assembly.
-    swapped = ["--base", f"high_noise:{parts['low_noise']['base']}", "--base", f"low_noise:{parts['high_noise']['base']}"]
+    swapped = ["--base", f"high_noise:{parts['low_noise']['base']}",
+               "--base", f"low_noise:{parts['high_noise']['base']}"]
     assert assemble.main(swapped + ["--out", str(out)]) == 2
     assert "was trained on the low_noise DiT (its metadata says so) but is given for the high_noise set" in \
         capsys.readouterr().err

@@ -351,7 +351,8 @@ def test_load_validation_reports_each_problem_once_on_lora_moe(N, model_dirs):
         "a14b_no_fp.safetensors": ("auto", None, "so adapter_set 'auto' cannot choose: set adapter_set to high-noise"),
         "single.safetensors": ("low-noise", None, "single.safetensors has no low-noise adapter set"),
         "sub/nested.safetensors": ("auto", "learned-from-file", "the Router's mode is learned-from-file, but "
-                                   "sub/nested.safetensors holds no learned router: set the Router's mode to rule-based"),
+                                   "sub/nested.safetensors holds no learned router: set the Router's mode to "
+                                   "rule-based"),
     }
     for name, (adapter_set, mode, message) in refused.items():
         found = errors(mode, lora_moe=name, adapter_set=adapter_set)
