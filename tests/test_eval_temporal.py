@@ -96,3 +96,17 @@ def test_lpips_is_an_error_without_backbone_weights_or_package(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "lpips", None)  # the package is not installed: import fails
     with pytest.raises(EvalInputError, match="pip install lpips"):
         LpipsMetric(weights)
+
+
+def test_roi_pixels_are_those_whose_centre_is_inside_the_box():
+    from training.evaluation.temporal import _roi_mask
+
+    rng = np.random.default_rng(3)
+    ys, xs = np.mgrid[0:48, 0:64] + 0.5
+    for _ in range(50):
+        x0, y0 = rng.uniform(-5, 60, 2)
+        x1, y1 = x0 + rng.uniform(0.3, 30), y0 + rng.uniform(0.3, 30)
+        expected = (xs > x0) & (xs < x1) & (ys > y0) & (ys < y1)
+        ours = _roi_mask(np.array([[x0, y0, x1, y1]]), 0, 48, 64)
+        assert np.array_equal(np.zeros_like(expected) if ours is None else ours > 0, expected)
+    assert _roi_mask(np.array([[np.nan] * 4]), 0, 48, 64) is None

@@ -194,7 +194,7 @@ def protocols(config, models) -> dict[str, Any]:
                                     f"and non-occluded pixels (RGB), capped at {PSNR_CAP_DB:g} dB; set value: mean "
                                     "over clips. A frozen clip scores the cap: read it with motion_px.",
                      "roi": "tip boxes from annotations, else from the tip detector (nearest evaluated frame); "
-                            "pixels more than half inside the box",
+                            "pixels whose centre is inside the box",
                      "lpips": (f"LPIPS v0.1 ({config.lpips_net}, user weights) every {config.lpips_stride}th pair, "
                                "occluded pixels filled from the target") if config.lpips else None},
         "video_quality": {e.spec.name: e.spec.protocol() for e in models.encoders},

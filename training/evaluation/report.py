@@ -203,7 +203,7 @@ def format_summary(report: dict) -> str:
     for group in ("temporal", "tips", "identity"):
         for name, values in report["metrics"].get(group, {}).items():
             shown = []
-            for key in ("warped_psnr", "warped_psnr_roi", "motion_px", "detection_rate", "pck@10px", "iou",
+            for key in ("warped_psnr", "warped_psnr_roi", "motion_px", "lpips", "detection_rate", "pck@10px", "iou",
                         "accuracy", "balanced_accuracy", "macro_f1"):
                 entry = values.get(key)
                 if isinstance(entry, dict) and "value" in entry:

@@ -20,7 +20,6 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from training.data.video_io import boxes_to_mask
 
 PSNR_CAP_DB = 60.0
 DIS_PRESETS = ("ultrafast", "fast", "medium")
@@ -168,11 +167,17 @@ class TemporalSums:
 
 
 def _roi_mask(boxes: np.ndarray | None, index: int, h: int, w: int) -> np.ndarray | None:
-    """Binary uint8 ROI of one frame (pixels more than half covered by its box), or None."""
+    """Binary uint8 ROI of one frame: pixels whose centre lies inside its box, or None without a box."""
     if boxes is None or index >= len(boxes) or np.isnan(boxes[index]).any():
         return None
-    mask = boxes_to_mask(boxes[index:index + 1], h, w)[0] > 0.5
-    return mask.astype(np.uint8) if mask.any() else None
+    x0, y0, x1, y1 = (float(v) for v in boxes[index])
+    c0, c1 = max(0, math.floor(x0 - 0.5) + 1), min(w, math.ceil(x1 - 0.5))
+    r0, r1 = max(0, math.floor(y0 - 0.5) + 1), min(h, math.ceil(y1 - 0.5))
+    if c1 <= c0 or r1 <= r0:
+        return None
+    mask = np.zeros((h, w), np.uint8)
+    mask[r0:r1, c0:c1] = 1
+    return mask
 
 
 def clip_temporal(frames: np.ndarray, estimator: FlowEstimator, roi_boxes: np.ndarray | None = None,
@@ -185,7 +190,7 @@ def clip_temporal(frames: np.ndarray, estimator: FlowEstimator, roi_boxes: np.nd
 
     Args:
         roi_boxes: ``[F, 4]`` boxes per frame (NaN rows: none); the ROI of pair (t, t+1) is frame t+1's box
-            (pixels more than half inside it).
+            (pixels whose centre is inside it).
         lpips_fn: ``(target, warped) -> [H, W]`` LPIPS map, evaluated every ``lpips_stride``-th pair.
     """
     import cv2
