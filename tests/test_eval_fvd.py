@@ -152,3 +152,31 @@ def test_resize_protocols_keep_or_cut_the_frame_sides():
     stretch = Fit.make((832, 480), (224, 224), "stretch")
     np.testing.assert_allclose(stretch.points_to_source(np.array([[112.0, 112.0]])), [[416.0, 240.0]])
     np.testing.assert_allclose(box.points_to_source(np.array([[112.0, 47 + 64.5]])), [[416.0, 240.0]], atol=1.0)
+
+
+class _UnitRangeEncoder(torch.nn.Module):
+    """Another video encoder's convention: [B, 3, 8, 32, 32] in [0, 1], a keyword argument of its own."""
+
+    def forward(self, x: torch.Tensor, pool: bool = False) -> torch.Tensor:
+        assert pool, "called without its keyword argument"
+        assert x.shape[2] == 8 and x.shape[3] == 32 and x.shape[4] == 32
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+        return x.mean((3, 4)).flatten(1)
+
+
+def test_other_encoder_from_a_spec_string(tmp_path):
+    from training.evaluation.features import parse_encoder_spec
+    from training.evaluation.videos import EvalInputError
+
+    path = save_script(_UnitRangeEncoder(), tmp_path / "enc.pt")
+    spec = parse_encoder_spec(f"name=vjepa,path={path},frames=8,size=32,range=unit,resize=stretch,kw.pool=true")
+    assert (spec.name, spec.num_frames, spec.size, spec.value_range, spec.resize) == ("vjepa", 8, 32, "unit", "stretch")
+    assert spec.kwargs == {"pool": True}
+    frames = np.full((10, 20, 30, 3), 255, np.uint8)
+    np.testing.assert_allclose(VideoEncoder(spec).features(frames), np.ones((1, 24)))  # 3 channels x 8 frames
+    with pytest.raises(EvalInputError, match="fewer than one 8-frame window"):
+        VideoEncoder(spec).features(frames[:5])
+    with pytest.raises(EvalInputError, match="'name' and 'path' are required"):
+        parse_encoder_spec("path=x.pt")
+    with pytest.raises(EvalInputError, match="unknown key"):
+        parse_encoder_spec("name=a,path=x.pt,colour=red")

@@ -177,8 +177,12 @@ def _real_floor(real: Mapping[str, np.ndarray], keys: list[str], n: int, splits:
 
 def _bootstrap_diff(real, real_keys, ref, ref_keys, arm, arm_keys, paired: bool, n_boot: int,
                     rng: np.random.Generator, level: float) -> tuple[list[float], list[float]]:
+    import sys
+
+    from tqdm import tqdm
+
     fds, kds = [], []
-    for _ in range(n_boot):
+    for _ in tqdm(range(n_boot), desc="FVD/KVD paired bootstrap", unit="rep", file=sys.stderr, leave=False):
         r = _stack(real, [real_keys[i] for i in rng.integers(0, len(real_keys), len(real_keys))])
         pick_ref = rng.integers(0, len(ref_keys), len(ref_keys))
         pick_arm = pick_ref if paired else rng.integers(0, len(arm_keys), len(arm_keys))
