@@ -3,6 +3,8 @@
     python bench/bench_step_overhead.py            # CPU default size, well under a minute
     python bench/bench_step_overhead.py --a14b     # WAN 2.2 A14B dims on a GPU (dim 5120, 40 heads,
                                                    # FFN 13824, 40 blocks, 32760 tokens = 480p x 81 frames)
+    python bench/bench_step_overhead.py --a14b --compile inductor --variants plain,fused --json out.json
+                                                   # each variant through ComfyUI's TorchCompileModel wrapper
 
 Three variants share one model and are timed interleaved (A B C A B C ...), each "step" a CFG batch of 2
 through ComfyUI's `apply_model` at a new noise level, so the gates change every step:
@@ -14,6 +16,7 @@ Ratios are medians over steps. Weights are random: only time matters here.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -111,8 +114,9 @@ def make_naive(fused_model, moe: LoraMoE, device):
     return m
 
 
-def step(model, x, ctx, sigma: float):
-    comfy.model_management.load_models_gpu([model])
+def step(model, x, ctx, sigma: float, load: bool = True):
+    if load:  # the timed loop loads before starting the clock
+        comfy.model_management.load_models_gpu([model])
     s = torch.tensor([sigma], device=x.device)
     opts = {**model.model_options["transformer_options"], "cond_or_uncond": [1, 0], "sigmas": s,
             "wrappers": model.wrappers}
@@ -120,7 +124,15 @@ def step(model, x, ctx, sigma: float):
         return model.model.apply_model(x, s.repeat(2), c_crossattn=ctx, transformer_options=opts)
 
 
-def main() -> None:
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has produced so far in this process (more during timed steps = recompiles)."""
+    import torch._dynamo.utils
+
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark, prints the medians and returns them (``--json`` also writes them to a file)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a14b", action="store_true", help="A14B dims (needs a GPU with ~40 GB free)")
     ap.add_argument("--dim", type=int, default=512)
@@ -129,46 +141,88 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=5, help="latent frames")
     ap.add_argument("--height", type=int, default=16, help="latent height")
     ap.add_argument("--width", type=int, default=16, help="latent width")
+    ap.add_argument("--text-tokens", type=int, default=512, help="text context length (UMT5 pads to 512)")
     ap.add_argument("--steps", type=int, default=12)
-    args = ap.parse_args()
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (compiles, if any)")
+    ap.add_argument("--variants", default="plain,fused,naive", help="comma-separated subset of plain,fused,naive")
+    ap.add_argument("--compile", default=None, metavar="BACKEND",
+                    help="torch.compile each variant as ComfyUI's TorchCompileModel node does (inductor; eager "
+                         "traces without code generation)")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
     if args.a14b:
         args.dim, args.ffn, args.layers, args.frames, args.height, args.width = 5120, 13824, 40, 21, 60, 104
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if "plain" not in names or not set(names) <= {"plain", "fused", "naive"}:
+        ap.error(f"--variants {args.variants!r}: a subset of plain,fused,naive that includes plain")
     device = comfy.model_management.get_torch_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = args.frames * (args.height // 2) * (args.width // 2)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {dtype}, "
-          f"dim {args.dim}, ffn {args.ffn}, {args.layers} blocks, {tokens} tokens, CFG batch 2")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {device} ({device_name}), {dtype}, "
+          f"dim {args.dim}, ffn {args.ffn}, {args.layers} blocks, {tokens} tokens, CFG batch 2"
+          f"{f', torch.compile {args.compile}' if args.compile else ''}")
     plain = build_model(args.dim, args.ffn, args.layers, device, dtype)
     moe = build_moe(args.layers, args.dim, args.ffn)
     routing = rule_route("电凝钩切割组织。吸引吸血。", temperature=2.0)
     fused = apply_lora_moe(plain, moe, routing=routing, band=ALWAYS_ON, ema_beta=0.5)
-    naive = make_naive(fused, moe, device)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(2, 16, args.frames, args.height, args.width, generator=gen, device=device)
-    ctx = torch.randn(2, 512, 4096, generator=gen, device=device, dtype=dtype)
-    variants = {"plain": plain, "fused": fused, "naive": naive}
+    ctx = torch.randn(2, args.text_tokens, 4096, generator=gen, device=device, dtype=dtype)
+    variants = {"plain": plain, "fused": fused}
+    if "naive" in names:
+        variants["naive"] = make_naive(fused, moe, device)
+    variants = {k: variants[k] for k in names if k in variants}
+    if args.compile:
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+        torch._dynamo.reset()
+        for k, m in list(variants.items()):
+            variants[k] = m.clone()
+            set_torch_compile_wrapper(variants[k], backend=args.compile)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    first_call: dict[str, float] = {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for k, m in variants.items():  # warm-up: loads, casts, kernels
-        step(m, x, ctx, 0.99)
+    for w in range(max(1, args.warmup)):  # warm-up, interleaved as timed: loads, casts, kernels, compilation
+        for k, m in variants.items():
+            comfy.model_management.load_models_gpu([m])
+            sync()
+            t0 = time.perf_counter()
+            step(m, x, ctx, 0.99 - 0.01 * w, load=False)
+            sync()
+            first_call.setdefault(k, time.perf_counter() - t0)
+    graphs_before = _compiled_graphs() if args.compile else 0
     for i in range(args.steps):
         sigma = 0.95 - 0.9 * i / max(1, args.steps - 1)
         for k, m in variants.items():
             comfy.model_management.load_models_gpu([m])
             sync()
             t0 = time.perf_counter()
-            step(m, x, ctx, sigma)
+            step(m, x, ctx, sigma, load=False)
             sync()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     adapter_mb = fused.get_attachment(KEY).weights.nbytes() / 2**20
-    print(f"median step: plain {med['plain']*1e3:.1f} ms, fused {med['fused']*1e3:.1f} ms, "
-          f"naive {med['naive']*1e3:.1f} ms; adapters {adapter_mb:.1f} MiB")
-    print(f"overhead fused/plain: {100 * (med['fused'] / med['plain'] - 1):+.2f}%   "
-          f"naive/plain: {100 * (med['naive'] / med['plain'] - 1):+.2f}%   "
-          f"fused/naive: {med['fused'] / med['naive']:.3f}")
+    print("median step: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
+          + f"; adapters {adapter_mb:.1f} MiB")
+    overhead = {k: 100 * (med[k] / med["plain"] - 1) for k in med if k != "plain"}
+    print("   ".join(f"overhead {k}/plain: {v:+.2f}%" for k, v in overhead.items())
+          + (f"   fused/naive: {med['fused'] / med['naive']:.3f}" if {"fused", "naive"} <= set(med) else ""))
+    result = {"device": device_name, "dtype": str(dtype).replace("torch.", ""), "dim": args.dim, "ffn": args.ffn,
+              "layers": args.layers, "tokens": tokens, "latent": [args.frames, args.height, args.width],
+              "text_tokens": args.text_tokens,
+              "cfg_batch": 2, "steps": args.steps, "warmup": args.warmup, "compile": args.compile,
+              "median_s": med, "first_call_s": first_call, "overhead_pct": overhead, "adapters_mib": adapter_mb,
+              "recompiles_in_timed_steps": _compiled_graphs() - graphs_before if args.compile else None,
+              "gates_change_every_step": True}
     if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak GPU memory {result['peak_gib']:.1f} GiB")
+    if args.compile:
+        print(f"graphs compiled during the timed steps: {result['recompiles_in_timed_steps']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
