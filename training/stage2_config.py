@@ -14,7 +14,7 @@ from typing import Literal
 from moe_core.band import BandError, TimestepBand
 from moe_core.vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_FALLBACK
 
-from .config import (ConfigError, DataSection, DemoSection, LoraSection, ModelSection, ObjectiveSection,
+from .config import (DataSection, DemoSection, LoraSection, ModelSection, ObjectiveSection,
                      OutputSection, TrainSection, _fail, doc, validate_common)
 
 
@@ -31,6 +31,8 @@ class Stage2ObjectiveSection(ObjectiveSection):
     """Flow matching as WAN is trained; stage 2 trains where the experts act (t >= 0.2)."""
 
     t_min: float = doc("lowest noise level trained (the band's start: experts are off below it)", 0.2)
+    roi_weight: float = doc("not used by stage 2, whose ROI term is loss.roi (a separate term, not a weighting)",
+                            3.0)
 
 
 @dataclass

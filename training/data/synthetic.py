@@ -171,16 +171,20 @@ def _draw_instrument(img: np.ndarray, shape: str, entry: np.ndarray, tip: np.nda
 
 
 def render_clip(label: int, seed: int = 0, width: int = 96, height: int = 64, fps: float = 16.0,
-                seconds: float = 2.0, caption: str | None = None) -> SyntheticClip:
+                seconds: float = 2.0, caption: str | None = None, background_seed: int | None = None
+                ) -> SyntheticClip:
     """Render one clip of expert ``label`` (index into DEFAULT_EXPERT_NAMES).
 
     ``boxes[i]`` is ``[x0, y0, x1, y1]`` around the tip in frame ``i`` (2 px margin, clipped to the frame).
+    ``background_seed`` puts every clip on the same tissue (a controlled set where only the instrument and
+    its motion differ, as the stage-2 specialisation test wants); None draws the tissue from ``seed``.
     """
     if not 0 <= label < len(INSTRUMENT_SHAPES):
         raise ValueError(f"label must be 0..{len(INSTRUMENT_SHAPES) - 1}, got {label}")
     rng = np.random.default_rng([seed, label])
     n = max(1, int(round(seconds * fps)))
-    background = render_background(rng, height, width)
+    background = render_background(rng if background_seed is None else np.random.default_rng(background_seed),
+                                   height, width)
     tips = _tip_path(rng, n, width, height)
     side = int(rng.integers(0, 4))  # entry border: left, right, top, bottom
     along = rng.uniform(0.2, 0.8)
@@ -218,12 +222,17 @@ def write_clip(clip: SyntheticClip, out_dir: str | os.PathLike, name: str) -> Pa
 
 def make_synthetic_dataset(root: str | os.PathLike, n_per_class: int = 2, seed: int = 0, width: int = 96,
                            height: int = 64, fps: float | Sequence[float] = 16.0, seconds: float = 2.0,
-                           with_labels: bool = False, manifest_name: str = "manifest.jsonl") -> Path:
+                           with_labels: bool = False, manifest_name: str = "manifest.jsonl",
+                           background_seed: int | None = None, one_caption_per_class: bool = False) -> Path:
     """Render ``n_per_class`` clips per expert into ``root/clips`` and write ``root/<manifest_name>``.
 
     Args:
         fps: one rate, or a sequence cycled over the clips (e.g. ``(16, 24)`` to exercise resampling).
         with_labels: also write ``instrument_label``; without it labels come from the captions.
+        background_seed: one tissue background for every clip (see :func:`render_clip`).
+        one_caption_per_class: every clip of an instrument gets that instrument's first caption (the hashing
+            text stand-in gives unrelated embeddings to different captions, so a held-out clip with an unseen
+            caption would carry no learnable instrument information).
 
     Returns:
         The manifest path. Entries carry ``fps``, ``num_frames`` and per-frame ``roi_boxes``.
@@ -235,7 +244,9 @@ def make_synthetic_dataset(root: str | os.PathLike, n_per_class: int = 2, seed: 
     for label in range(len(INSTRUMENT_SHAPES)):
         for j in range(n_per_class):
             rate = rates[k % len(rates)]
-            clip = render_clip(label, seed=seed * 1000 + k, width=width, height=height, fps=rate, seconds=seconds)
+            clip = render_clip(label, seed=seed * 1000 + k, width=width, height=height, fps=rate, seconds=seconds,
+                               background_seed=background_seed,
+                               caption=CAPTIONS[label][0] if one_caption_per_class else None)
             name = f"{INSTRUMENT_SHAPES[label]}_{j:02d}"
             write_clip(clip, root / "clips", name)
             entry = {"video_path": f"clips/{name}.mp4", "caption": clip.caption,
