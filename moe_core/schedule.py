@@ -124,7 +124,7 @@ def _font(size: int):
 def render_schedule(routing: Routing | None, expert_names: Sequence[str], band: TimestepBand, *, steps: int = 20,
                     shift: float = 8.0, ema_beta: float = 0.9, router: LearnedRouter | None = None,
                     boundary: float | None = A14B_T2V_BOUNDARY, title: str | None = None,
-                    size: tuple[int, int] = (960, 400)):
+                    size: tuple[int, int] = (960, 400), max_gate: float = 1.0, clip_level: bool = False):
     """The gate schedule as an RGB ``PIL.Image``: gates against t (left) and against the steps (right).
 
     Grey area: the band factor. Coloured: each expert's gate (router gate × band; EMA over the steps on
@@ -139,9 +139,10 @@ def render_schedule(routing: Routing | None, expert_names: Sequence[str], band: 
     font, small = _font(15), _font(12)
     names = list(expert_names)
     sigmas = flow_sigmas(steps, shift)
-    step_gates = gates_vs_steps(routing, names, band, sigmas, ema_beta, router)
+    step_gates = gates_vs_steps(routing, names, band, sigmas, ema_beta, router, max_gate=max_gate,
+                                clip_level=clip_level)
     ts = [i / 200 for i in range(201)]
-    t_gates, t_band = gates_vs_t(routing, names, band, ts, router)
+    t_gates, t_band = gates_vs_t(routing, names, band, ts, router, max_gate, clip_level)
 
     top, bottom = 48, height - 92
     panels = [(56, width // 2 - 16), (width // 2 + 40, width - 20)]

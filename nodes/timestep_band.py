@@ -106,13 +106,14 @@ class TimestepBandNode(io.ComfyNode):
         routing = config.routing
         title = f"{SET_LABELS.get(info.set_name, info.set_name)}: " + (
             routing.describe() if routing is not None else "no routing (experts off)")
+        cap = dict(max_gate=config.max_gate, clip_level=config.clip_level)  # the file's gate settings
         picture = render_schedule(routing, names, band, steps=preview_steps, shift=preview_shift,
-                                  ema_beta=config.ema_beta, router=router, boundary=boundary, title=title)
+                                  ema_beta=config.ema_beta, router=router, boundary=boundary, title=title, **cap)
         image = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
         ts = [i / (UI_GRID - 1) for i in range(UI_GRID)]
-        raw_vs_t, _ = gates_vs_t(routing, names, ALWAYS_ON, ts, router)
+        raw_vs_t, _ = gates_vs_t(routing, names, ALWAYS_ON, ts, router, **cap)
         steps = gates_vs_steps(routing, names, band, flow_sigmas(preview_steps, preview_shift), config.ema_beta,
-                               router)
+                               router, **cap)
         data = {"experts": list(names), "band": band.to_json(), "band_text": band.describe(),
                 "ema_beta": config.ema_beta, "set": info.set_name, "boundary": boundary,
                 "routing": routing.describe() if routing is not None else None,
