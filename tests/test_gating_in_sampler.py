@@ -121,31 +121,8 @@ def test_a14b_split_with_two_adapter_sets(tiny_wan_state_dict, wan_contexts, tmp
     assert ours.shape == lat_ref.shape and torch.isfinite(ours).all()
 
 
-def _scaled_fp8_state_dict(sd: dict) -> dict:
-    """Block Linear weights stored as fp8 with a per-layer `scale_weight`, as scaled-fp8 WAN files are."""
-    out = {"scaled_fp8": torch.tensor([], dtype=torch.float8_e4m3fn)}
-    for k, v in sd.items():
-        if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2:
-            scale = v.abs().max() / 448.0
-            out[k] = (v / scale).to(torch.float8_e4m3fn)
-            out[k[: -len("weight")] + "scale_weight"] = scale.float().reshape(())
-        else:
-            out[k] = v
-    return out
-
-
-def _dequantized(model) -> dict:
-    """The weights a model actually computes with, in float32 (the oracle's weights)."""
-    out = {}
-    for name, module in model.model.diffusion_model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if pname in ("scale_weight", "scale_input"):
-                continue
-            v = p.detach().float()
-            if pname == "weight" and getattr(module, "scale_weight", None) is not None:
-                v = v * module.scale_weight.float()
-            out[f"{name}.{pname}" if name else pname] = v
-    return out
+_scaled_fp8_state_dict = wf.scaled_fp8_state_dict
+_dequantized = wf.dequantized_state_dict
 
 
 @pytest.mark.parametrize("kind", ["fp8", "scaled_fp8"])

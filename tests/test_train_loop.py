@@ -180,3 +180,25 @@ def test_a14b_pair_routes_each_sample_to_its_dit(ws, tmp_path):
     s2 = setup_stage1(only_high, log_fn=QUIET)
     assert s2.trainer.dits.names == ["high_noise"] and s2.trainer.sampler.t_min == 0.875
     assert all(float(s2.trainer._prepare_row(p)["t"]) >= 0.875 for p in range(16))
+
+
+def test_tensorboard_events_match_the_jsonl_log(ws, tmp_path, monkeypatch, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_stage1(tf.stage1_config(ws, tmp_path / "tb", train={"max_steps": 3},
+                                         output={"tensorboard": True}), log_fn=QUIET)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(x) for x in result.metrics.read_text().splitlines()]
+    for key in ("loss", "lr", "grad_norm", "t_mean"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [e.step for e in scalars] == [x["step"] for x in logged] == [1, 2, 3]
+        assert [e.value for e in scalars] == pytest.approx([x[key] for x in logged], rel=1e-6)
+
+    # without the tensorboard package: one clear warning, and the run goes on with metrics.jsonl
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    caplog.clear()
+    again = run_stage1(tf.stage1_config(ws, tmp_path / "no_tb", train={"max_steps": 3},
+                                        output={"tensorboard": True}), log_fn=QUIET)
+    warnings = [r for r in caplog.records if "tensorboard package is not installed" in r.getMessage()]
+    assert len(warnings) == 1 and again.steps == 3 and not (tmp_path / "no_tb" / "tensorboard").exists()

@@ -240,3 +240,66 @@ def test_demo_config_runs(tmp_path):
     assert again.steps == 3 and again.data.cache.computed == 0 and again.data.cache.reused == 4  # cache reused
     for k, v in tf.lora_tensors(again.loras["default"]).items():  # same seed, same data: the same LoRA
         assert torch.equal(v, first[k])
+
+
+def _as_musubi(src: dict[str, torch.Tensor], drop: str) -> tuple[dict[str, torch.Tensor], int]:
+    """A ComfyUI-format LoRA rewritten with musubi-tuner/kohya keys and alpha = rank / 2, one module left out."""
+    out, kept = {}, set()
+    for key, value in src.items():
+        part = next(x for x in (".lora_down.weight", ".lora_up.weight", ".alpha") if key.endswith(x))
+        module = key[len("diffusion_model."):-len(part)]
+        if module == drop:
+            continue
+        kept.add(module)
+        rank = src[f"diffusion_model.{module}.lora_down.weight"].shape[0]
+        out["lora_unet_" + module.replace(".", "_") + part] = (torch.tensor(rank / 2.0) if part == ".alpha"
+                                                               else value.to(torch.bfloat16).float())
+    return out, len(kept)
+
+
+def test_stage1_starts_from_an_existing_musubi_lora(ws, trained, tmp_path):
+    """lora.init_weights: the first forward is exactly that of ComfyUI's LoRA loader with the file (the oracle),
+    musubi keys and alphas included; files that do not fit the targets are refused with the reason."""
+    from safetensors.torch import save_file
+
+    from training.adapters import AdapterConfigError
+    from training.stage1 import setup_stage1
+
+    drop = "blocks.2.ffn.0"
+    musubi, kept = _as_musubi(tf.lora_tensors(trained.loras["default"]), drop)
+    path = tmp_path / "musubi_lora.safetensors"
+    save_file(musubi, str(path))
+    setup = setup_stage1(tf.stage1_config(ws, tmp_path / "cont", lora={"init_weights": str(path)}), log_fn=QUIET)
+    dit = setup.trainer.dits.dits[0]
+    assert kept == len(dit.bank.names) - 1
+    fresh = dit.bank.projections[dit.bank.names.index(drop)].slot(0)
+    assert float(fresh.up.detach().abs().max()) == 0.0  # not in the file: starts fresh, ΔW = 0
+    x, t, ctx = _inputs()
+    gains = torch.zeros(2, 5)
+    gains[:, 0] = 1.0
+    with torch.no_grad(), dit.adapters(gains):
+        denoised_train = x - t.reshape(-1, 1, 1, 1, 1) * dit.predict(x, t, ctx)
+    dit.release()
+    model = comfy.sd.load_diffusion_model(str(ws.dit))
+    oracle = _apply(comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path)), 1.0, 0.0)[0],
+                    x, t, ctx)
+    plain = _apply(comfy.sd.load_diffusion_model(str(ws.dit)), x, t, ctx)
+    assert (oracle - plain).abs().max() > 1e-3
+    torch.testing.assert_close(denoised_train, oracle, atol=2e-5, rtol=1e-5)
+    assert setup.trainer.train_step()["loss"] > 0  # and it trains on from there
+
+    # A14B: one DiT from the file, the other fresh
+    pair = setup_stage1(tf.stage1_config(ws, tmp_path / "pair", pair=True, lora={"init_weights_high": str(path)}),
+                        log_fn=QUIET)
+    high, low = (pair.trainer.dits.by_name(n).bank for n in ("high_noise", "low_noise"))
+    q = high.projections[high.names.index("blocks.1.self_attn.q")].slot(0)
+    assert torch.equal(q.up, musubi["lora_unet_blocks_1_self_attn_q.lora_up.weight"]) and q.alpha == 4.0
+    assert all(float(p.detach().abs().max()) == 0 for n, p in low.named_trainable() if n.endswith(".up"))
+
+    for lora, needle in (({"rank_q": 4}, r"blocks.1.self_attn.q: rank 8 in the file, 4 configured \(lora.rank_q = 8"),
+                         ({"target_blocks": 1}, r"adapts 8 module\(s\) the config does not train, e.g. blocks.1"),
+                         ({"init_weights": str(ws.dit)}, r"lora.init_weights: .*tiny_high.safetensors: key .* is not a LoRA down/up/alpha tensor"),
+                         ({"init_weights": str(tmp_path / "nope.safetensors")}, "file not found")):
+        with pytest.raises(AdapterConfigError, match=needle):
+            setup_stage1(tf.stage1_config(ws, tmp_path / "bad", lora={"init_weights": str(path), **lora}),
+                         log_fn=QUIET)

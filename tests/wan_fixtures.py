@@ -62,6 +62,35 @@ def load_tiny_wan(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
     return model
 
 
+def scaled_fp8_state_dict(sd: dict) -> dict:
+    """Block Linear weights stored as fp8 with a per-layer `scale_weight`, as ComfyUI's scaled-fp8 WAN files
+    (``..._fp8_scaled.safetensors``, what the bundled workflows load) are; the ``scaled_fp8`` marker key makes
+    ComfyUI pick its scaled-fp8 ops."""
+    out = {"scaled_fp8": torch.tensor([], dtype=torch.float8_e4m3fn)}
+    for k, v in sd.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2:
+            scale = v.abs().max() / 448.0
+            out[k] = (v / scale).to(torch.float8_e4m3fn)
+            out[k[: -len("weight")] + "scale_weight"] = scale.float().reshape(())
+        else:
+            out[k] = v
+    return out
+
+
+def dequantized_state_dict(model) -> dict:
+    """The weights a model actually computes with, in float32 (the oracle's weights)."""
+    out = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if pname in ("scale_weight", "scale_input"):
+                continue
+            v = p.detach().float()
+            if pname == "weight" and getattr(module, "scale_weight", None) is not None:
+                v = v * module.scale_weight.float()
+            out[f"{name}.{pname}" if name else pname] = v
+    return out
+
+
 def make_context(seed: int, tokens: int = 8, batch: int = 1) -> torch.Tensor:
     """A stand-in for UMT5 text embeddings: ``[batch, tokens, 4096]`` floats from a seeded generator."""
     return torch.randn((batch, tokens, TEXT_DIM), generator=torch.Generator().manual_seed(seed))

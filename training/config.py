@@ -60,7 +60,15 @@ class ModelSection:
         "storage dtype of the frozen DiT weights (default: ComfyUI's choice, bf16/fp16 on GPU, fp32 on CPU; "
         "fp8_e4m3fn halves memory for 24 GB cards)", "default")
     device: str = doc("compute device: auto (cuda if available), cpu, cuda, cuda:N", "auto")
-    offload_idle_dit: bool = doc("keep the A14B DiT that is not training on the CPU", True)
+    offload_idle_dit: Union[bool, Literal["auto"]] = doc(
+        "keep the A14B DiT that is not training in host memory (true), keep both on the GPU (false), or auto: "
+        "both on the GPU when the memory estimate printed at start fits in 80% of it", "auto")
+    dit_schedule: Literal["per_sample", "alternate", "proportional"] = doc(
+        "A14B: per_sample (each sample's t picks its DiT, both DiTs in most steps), alternate (one DiT per "
+        "optimizer step, taking turns) or proportional (one DiT per step, chosen with its share of the t "
+        "distribution); one DiT per step avoids swapping offloaded DiTs within a step", "per_sample")
+    dit_switch_every: int = doc("alternate / proportional: keep the chosen DiT for this many optimizer steps "
+                                "(fewer swaps of an offloaded DiT; ai-toolkit's switch_boundary_every)", 1)
     stream_blocks: int = doc("leading frozen blocks whose weights stay on the CPU and are streamed to the GPU "
                              "each step (block offloading for 24 GB cards; must be < first adapted block)", 0)
 
@@ -109,6 +117,11 @@ class LoraSection:
     rank_o: int = doc("rank of o projections", 4)
     rank_ffn: int = doc("rank of ffn.0", 4)
     alpha: float = doc("LoRA alpha (scale = alpha / rank), as in the seeds' lora_alpha", 1.0)
+    init_weights: str = doc("start from an existing LoRA (musubi-tuner/kohya, diffusers or ComfyUI keys; a path or "
+                            "a name in ComfyUI's models/loras): its modules and ranks must fit the targets above, "
+                            "its alphas are kept; for an A14B pair it initialises both DiTs", "")
+    init_weights_high: str = doc("A14B: LoRA to start the high-noise DiT from (overrides init_weights)", "")
+    init_weights_low: str = doc("A14B: LoRA to start the low-noise DiT from (overrides init_weights)", "")
 
     def ranks(self) -> dict[str, int]:
         return {"q": self.rank_q, "k": self.rank_k, "v": self.rank_v, "o": self.rank_o, "ffn": self.rank_ffn}
@@ -124,6 +137,12 @@ class TrainSection:
     batch_size: int = doc("windows per micro-batch per process", 1)
     grad_accum: int = doc("micro-batches accumulated per optimizer step", 8)
     learning_rate: float = doc("AdamW learning rate", 1e-4)
+    learning_rate_high: float = doc("A14B: learning rate of the high-noise DiT's LoRA (0: learning_rate)", 0.0)
+    learning_rate_low: float = doc("A14B: learning rate of the low-noise DiT's LoRA (0: learning_rate)", 0.0)
+    max_steps_high: int = doc("A14B: the high-noise DiT trains only in the first N optimizer steps, then its "
+                              "samples go to the low-noise DiT (0: every step)", 0)
+    max_steps_low: int = doc("A14B: the low-noise DiT trains only in the first N optimizer steps (0: every step)",
+                             0)
     lr_scheduler: Literal["constant", "cosine"] = doc("learning-rate schedule after warm-up", "constant")
     warmup_steps: int = doc("linear warm-up steps", 0)
     min_lr_ratio: float = doc("cosine schedule: final lr as a fraction of learning_rate", 0.0)
@@ -136,6 +155,8 @@ class TrainSection:
                                                  "e.g. float32 on CPU)", "bf16")
     gradient_checkpointing: bool = doc("recompute adapted blocks in the backward pass (saves memory)", True)
     cpu_threads: int = doc("torch CPU threads (0: torch's default); the CPU demo uses 1, its matrices are tiny", 0)
+    dist_timeout_minutes: float = doc("torchrun: how long a process waits for the others (e.g. while the first one "
+                                      "caches latents) before the process group gives up", 60.0)
 
 
 @dataclass
@@ -163,6 +184,8 @@ class OutputSection:
     save_dtype: Literal["fp32", "bf16", "fp16"] = doc("dtype of the exported LoRA file(s)", "fp32")
     plot: bool = doc("draw loss-curve PNGs at the end", True)
     progress: bool = doc("show a progress bar", True)
+    tensorboard: bool = doc("also write TensorBoard event files (output.dir/tensorboard; needs the tensorboard "
+                            "package, else a warning)", True)
 
 
 @dataclass
@@ -219,6 +242,24 @@ def validate_common(cfg: Any, where: str = "config") -> None:
                                                f"got {m.train_dits}")
     if m.stream_blocks < 0:
         raise _fail(where, "model.stream_blocks", "must be >= 0")
+    if m.dit_switch_every < 1:
+        raise _fail(where, "model.dit_switch_every", f"must be >= 1, got {m.dit_switch_every}")
+    pair_only = {"train.learning_rate_high": t.learning_rate_high, "train.learning_rate_low": t.learning_rate_low,
+                 "train.max_steps_high": t.max_steps_high, "train.max_steps_low": t.max_steps_low,
+                 "lora.init_weights_high": lo.init_weights_high, "lora.init_weights_low": lo.init_weights_low}
+    for key, value in pair_only.items():
+        if value and not m.dit_high:
+            raise _fail(where, key, "applies to a WAN 2.2 A14B pair (model.dit_high + model.dit_low); for one DiT "
+                                    f"use {key.rsplit('_', 1)[0]}")
+    for key in ("train.learning_rate_high", "train.learning_rate_low"):
+        value = pair_only[key]
+        if not (value >= 0 and math.isfinite(value)):
+            raise _fail(where, key, f"must be >= 0 (0: train.learning_rate), got {value}")
+    for key in ("train.max_steps_high", "train.max_steps_low"):
+        if pair_only[key] < 0:
+            raise _fail(where, key, f"must be >= 0 (0: every step), got {pair_only[key]}")
+    if not (t.dist_timeout_minutes > 0 and math.isfinite(t.dist_timeout_minutes)):
+        raise _fail(where, "train.dist_timeout_minutes", f"must be > 0, got {t.dist_timeout_minutes}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", m.device):
         raise _fail(where, "model.device", f"{m.device!r}: use auto, cpu, cuda or cuda:N")
     positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,

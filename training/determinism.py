@@ -8,7 +8,10 @@ import hashlib
 import json
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -35,8 +38,13 @@ class Distributed:
             torch.distributed.barrier()
 
 
-def init_distributed(device: torch.device) -> Distributed:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): nccl on GPUs, gloo on CPU."""
+def init_distributed(device: torch.device, timeout_minutes: float = 60.0) -> Distributed:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): nccl on GPUs, gloo on CPU.
+
+    ``timeout_minutes`` bounds every wait for the other processes (collectives and barriers). The default of
+    torch (10 minutes for nccl) is shorter than the first caching of a real dataset, during which the other
+    processes wait at a barrier; ``train.dist_timeout_minutes`` sets it.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed()
@@ -46,9 +54,63 @@ def init_distributed(device: torch.device) -> Distributed:
     here = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=float(timeout_minutes)), **kwargs)
         here = True
     return Distributed(rank=rank, world_size=world, local_rank=local, initialized_here=here)
+
+
+class InterruptGuard:
+    """Ctrl-C (SIGINT) and SIGTERM during training become a ``KeyboardInterrupt`` at a point where the training
+    state is whole, so the interrupted run can save its last finished step exactly once.
+
+    * Inside :meth:`critical` (the optimizer update, a checkpoint write) a signal is only recorded and raised
+      when the section ends: a step is never half applied, a save never cut short by the second signal
+      ``torchrun`` forwards.
+    * With ``defer`` (the processes of a data-parallel run other than the first) a signal is only recorded;
+      the loop calls :meth:`check` after each step. Those processes therefore finish the collectives the first
+      process may be waiting in, and the first process, which saves, is never left hanging in one.
+
+    Handlers are installed only in the main thread and restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, defer: bool = False):
+        self.defer = defer
+        self.requested: str = ""
+        self._critical = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        if not self.defer and not self._critical:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "InterruptGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def critical(self):
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if not self._critical and self.requested and not self.defer:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:

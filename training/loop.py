@@ -10,12 +10,14 @@ What one optimizer step does (global batch ``G = batch_size * grad_accum * world
    runs it, how rows are batched, or whether the run was interrupted. That is what makes data-parallel runs
    match single-process runs and ``--resume`` exact.
 3. The process's rows are grouped by the DiT that owns their ``t`` (A14B: the DiT on the device goes first,
-   so the pair switches at most once per step) and by tensor shape (buckets), and run in chunks of at most
+   so the pair switches at most once per step; ``training.dit_schedule`` may give a whole step to one DiT,
+   chosen from (seed, step)) and by tensor shape (buckets), and run in chunks of at most
    ``batch_size`` rows: forward through the DiT with the adapters (``moe_core``'s fused forward), ROI-weighted
    flow-matching loss per sample, scaled by ``1/G``, backward.
 4. Data parallel: the gradients of all trainable tensors are summed over processes with one
    ``torch.distributed.all_reduce`` (what DDP does, without wrapping a 14B model whose parameters DDP would
-   broadcast); then clipping, AdamW, the schedule.
+   broadcast); then clipping, AdamW (one parameter group per DiT, with its own learning rate, and one for
+   any extra parameters), the schedule.
 
 Checkpoints (every ``save_every`` steps and at the end) are a LoRA-MoE file written with ``moe_core``
 (``checkpoints/step_000100.safetensors``) and the full training state beside it (``.state.pt``: optimizer,
@@ -40,9 +42,11 @@ from moe_core.checkpoint import LoraMoE, load_lora_moe, save_lora_moe
 from moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 
 from moe_core.atomic import atomic_path, atomic_write_text
-from .determinism import DataOrder, Distributed, rng_state, sample_generator, set_rng_state
+from .determinism import DataOrder, Distributed, InterruptGuard, rng_state, sample_generator, set_rng_state
+from .dit_schedule import DiTSchedule, group_order
 from .models import DiTSet, TrainableDiT
 from .objective import TimestepSampler, noisy_input, per_sample_loss, roi_weights
+from .tensorboard_log import log_scalars, open_writer
 
 log = logging.getLogger("training")
 
@@ -51,7 +55,8 @@ STATE_VERSION = 1
 #: Config keys that may change between an interrupted run and its resume (they do not change the maths).
 RESUME_MUTABLE_KEYS = ("output.save_every", "output.keep_last", "output.log_every", "output.plot",
                        "output.progress", "train.cpu_threads", "model.device", "model.offload_idle_dit",
-                       "model.stream_blocks",
+                       "model.stream_blocks", "output.tensorboard", "train.dist_timeout_minutes",
+                       "lora.init_weights", "lora.init_weights_high", "lora.init_weights_low",
                        "model.dit", "model.dit_high", "model.dit_low", "data.manifest", "data.cache_dir",
                        "data.vae", "data.text_encoder", "demo.work_dir", "demo.enabled")
 
@@ -83,6 +88,12 @@ class LoopSettings:
     log_every: int = 1
     progress: bool = True
     plot: bool = True
+    #: per DiT name: its learning rate (absent or 0: ``learning_rate``) and optimizer steps it trains (0: all)
+    dit_learning_rates: dict[str, float] = field(default_factory=dict)
+    dit_max_steps: dict[str, int] = field(default_factory=dict)
+    dit_schedule: str = "per_sample"
+    dit_switch_every: int = 1
+    tensorboard: bool = False
 
 
 # ---------------------------------------------------------------------------------------- schedules
@@ -193,15 +204,27 @@ class Trainer:
         self.order = DataOrder(len(dataset), settings.seed)
         self.global_batch = settings.batch_size * settings.grad_accum * self.dist.world_size
         self.params: list[torch.nn.Parameter] = []
+        groups = []  # one AdamW group per DiT (its own learning rate), then the extra parameters at learning_rate
         for d in dits:
-            self.params.extend(d.bank.trainable_parameters())
-        self.params.extend(extra_parameters)
+            ps = d.bank.trainable_parameters()
+            if ps:
+                lr = settings.dit_learning_rates.get(d.name) or settings.learning_rate
+                groups.append({"params": ps, "lr": lr, "name": d.name})
+        extra = list(extra_parameters)
+        if extra:
+            groups.append({"params": extra, "lr": settings.learning_rate, "name": "extra"})
+        for g in groups:
+            self.params.extend(g["params"])
         if not self.params:
             raise ValueError("nothing to train: no trainable adapter parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, betas=settings.betas,
+        self.optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, betas=settings.betas,
                                            eps=settings.eps, weight_decay=settings.weight_decay)
+        self.schedule = DiTSchedule(settings.dit_schedule, sampler, [d.t_range for d in dits], settings.seed,
+                                    [settings.dit_max_steps.get(d.name, 0) for d in dits], settings.dit_switch_every)
+        self.interrupts: InterruptGuard | None = None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(settings))
         self.step = 0
+        self.stop_requested = ""  # set by a hook (early stopping, monitor.stop_on_warning) to end training
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.autocast = {"bf16": torch.bfloat16}.get(settings.mixed_precision)
         self._fingerprints = {d.name: d.fingerprint() for d in dits}
@@ -214,21 +237,30 @@ class Trainer:
         base = step * self.global_batch
         return [base + m * W * B + r * B + j for m in range(self.s.grad_accum) for j in range(B)]
 
-    def _prepare_row(self, position: int) -> dict[str, Any]:
+    def _prepare_row(self, position: int, sampler: TimestepSampler | None = None) -> dict[str, Any]:
+        """One sample: dataset item, noise level, noise and DiT, all from (seed, position).
+
+        ``t`` comes from the step's distribution (:class:`~training.dit_schedule.DiTSchedule`: the run's
+        sampler, or its restriction to the one DiT the step trains), unless ``sampler`` is given (evaluation).
+        """
         item = self.dataset[self.order.index(position)]
         gen = sample_generator(self.s.seed, position)
-        t = self.sampler.sample(gen, 1)[0]
+        fixed = None
+        if sampler is None:
+            step = position // self.global_batch
+            sampler, fixed = self.schedule.sampler_for(step), self.schedule.step_dit(step)
+        t = sampler.sample(gen, 1)[0]
         noise = torch.randn(item["latent"].shape, generator=gen, dtype=torch.float32)
-        dit_index = self.dits.index_for(float(t))
+        dit_index = fixed if fixed is not None else self.dits.index_for(float(t))
         return {"item": item, "t": t, "noise": noise, "dit": dit_index, "position": position}
 
     def _groups(self, rows: list[dict]) -> list[tuple[int, list[dict]]]:
         """Rows grouped by (DiT, latent shape, context shape); the DiT already on the device first."""
         active = self.dits._active
-        first = self.dits.dits.index(active) if active is not None else 0
+        order = group_order([r["dit"] for r in rows], self.dits.dits.index(active) if active is not None else None)
         keyed: dict[tuple, list[dict]] = {}
         for row in rows:
-            key = (row["dit"] != first, row["dit"], tuple(row["item"]["latent"].shape),
+            key = (order.index(row["dit"]), row["dit"], tuple(row["item"]["latent"].shape),
                    tuple(row["item"]["context"].shape))
             keyed.setdefault(key, []).append(row)
         out = []
@@ -279,6 +311,8 @@ class Trainer:
         step = self.step
         start = time.perf_counter()
         rows = [self._prepare_row(p) for p in self._positions(step)]
+        self.begin_step(rows)
+        moves, move_s = self.dits.moves, self.dits.move_seconds
         sums = torch.zeros(2 * len(self.dits.dits) + 1, dtype=torch.float64)  # per DiT: loss sum, count; t sum
         for dit_index, chunk in self._groups(rows):
             dit = self.dits.activate(self.dits.dits[dit_index])
@@ -294,11 +328,14 @@ class Trainer:
         grad_norm = float("nan")
         if self.s.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        first = self.optimizer.param_groups[0]
+        lr = self.s.learning_rate * first["lr"] / first["initial_lr"]  # the schedule's factor on learning_rate
+        with self.interrupts.critical() if self.interrupts is not None else contextlib.nullcontext():
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
         total_loss = float(sum(sums[2 * i] for i in range(len(self.dits.dits)))) / self.global_batch
         elapsed = time.perf_counter() - start
         metrics: dict[str, Any] = {
@@ -310,6 +347,18 @@ class Trainer:
                 n = int(sums[2 * i + 1])
                 metrics[f"loss_{d.name}"] = float(sums[2 * i]) / n if n else None
                 metrics[f"samples_{d.name}"] = n
+                if d.name in lrs:
+                    metrics[f"lr_{d.name}"] = lrs[d.name]
+            # DiT weights copied to the device in this step, and the seconds it took (see model.dit_schedule)
+            metrics["dit_loads"] = self.dits.moves - moves
+            metrics["dit_load_s"] = round(self.dits.move_seconds - move_s, 4)
+        return self.finish_step(metrics, rows)
+
+    def begin_step(self, rows: list[dict]) -> None:
+        """Hook before the step's first micro-batch (stage 2 gathers the step's routing statistics here)."""
+
+    def finish_step(self, metrics: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
+        """Hook after the optimizer step: add metrics (stage 2: loss terms, expert usage, warnings)."""
         return metrics
 
     @torch.no_grad()
@@ -322,7 +371,7 @@ class Trainer:
         saved = self.s.seed
         self.s.seed = seed
         try:
-            rows = [self._prepare_row(p) for p in range(num_samples)]
+            rows = [self._prepare_row(p, self.sampler) for p in range(num_samples)]
         finally:
             self.s.seed = saved
         total = 0.0
@@ -361,8 +410,11 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                 "config": json.dumps(self.config, sort_keys=True), "time": time.time()}
 
-    def save_checkpoint(self, tag: str | None = None) -> Path:
-        """Write ``checkpoints/<tag>.safetensors`` + ``<tag>.state.pt`` and point ``latest.json`` at them."""
+    def save_checkpoint(self, tag: str | None = None, barrier: bool = True) -> Path:
+        """Write ``checkpoints/<tag>.safetensors`` + ``<tag>.state.pt`` and point ``latest.json`` at them.
+
+        ``barrier=False``: the first process writes without waiting for the others (an interrupted run, whose
+        other processes may be gone)."""
         ckdir = checkpoint_dir(self.out_dir)
         tag = tag or f"step_{self.step:06d}"
         weights = ckdir / f"{tag}.safetensors"
@@ -373,7 +425,8 @@ class Trainer:
             atomic_write_text(ckdir / "latest.json",
                               json.dumps({"step": self.step, "weights": weights.name, "state": state.name}) + "\n")
             self._prune(ckdir)
-        self.dist.barrier()
+        if barrier:
+            self.dist.barrier()
         return state
 
     def _prune(self, ckdir: Path) -> None:
@@ -412,14 +465,21 @@ class Trainer:
             if d.name not in moe.sets:
                 raise ResumeError(f"{weights}: has no adapter set {d.name!r} (holds {list(moe.sets)})")
             d.bank.load_adapter_set(moe.sets[d.name], source=str(weights))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # e.g. a checkpoint from before per-DiT parameter groups
+            raise ResumeError(f"{state_path}: its optimizer state does not fit this run ({e})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.restore_extra(state, moe)
         if self.dist.is_main:
             self._truncate_metrics(self.step)
         log.info("resumed from %s at step %d (epoch %d, position %d)", state_path, self.step, state["epoch"],
                  state["position_in_epoch"])
+
+    def restore_extra(self, state: dict[str, Any], moe: LoraMoE) -> None:
+        """Hook on resume, after weights and optimizer: stage 2 restores its routers and monitor state."""
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         problems = []
@@ -469,6 +529,10 @@ class Trainer:
         ema = None
         checkpoint = None
         interrupted = False
+        tensorboard = open_writer(self.out_dir, self.step) if self.dist.is_main and self.s.tensorboard else None
+        # Ctrl-C / SIGTERM: the first process stops at once (outside an optimizer update) and saves the last
+        # finished step; the others finish their step, so no collective the first one waits in is abandoned.
+        self.interrupts = InterruptGuard(defer=not self.dist.is_main).__enter__()  # left in `finally`, after a save
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 while self.step < self.s.total_steps:
@@ -478,25 +542,42 @@ class Trainer:
                     if self.dist.is_main and (self.step % self.s.log_every == 0 or self.step == self.s.total_steps):
                         with open(self.metrics_path, "a", encoding="utf-8") as f:
                             f.write(json.dumps(metrics) + "\n")
+                        if tensorboard is not None:
+                            log_scalars(tensorboard, metrics, self.step)
                     if bar is not None:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", avg=f"{ema:.4f}", lr=f"{metrics['lr']:.2e}")
                         bar.update(1)
                     if self.s.save_every and self.step % self.s.save_every == 0 and self.step < self.s.total_steps:
-                        checkpoint = self.save_checkpoint()
+                        with self.interrupts.critical():
+                            checkpoint = self.save_checkpoint()
                     for cb in self.callbacks:
                         cb(self.step, metrics)
-                checkpoint = self.save_checkpoint("final")
+                    self.interrupts.check()
+                    if self.stop_requested:
+                        log.warning("stopping at step %d: %s", self.step, self.stop_requested)
+                        break
+                with self.interrupts.critical():
+                    checkpoint = self.save_checkpoint("final")
         except KeyboardInterrupt:
             interrupted = True
-            if not self.dist.enabled and self.step > 0:
+            if self.dist.is_main and self.step > 0:
                 pointer = latest_checkpoint(self.out_dir)
                 if pointer is None or pointer.get("step") != self.step:
-                    checkpoint = self.save_checkpoint()
+                    self.interrupts.defer = True  # a second signal (torchrun forwards Ctrl-C) waits for the save
+                    checkpoint = self.save_checkpoint(barrier=False)
                     log.warning("interrupted: saved step %d to %s; continue with --resume", self.step, checkpoint)
             raise
+        except Exception:
+            if self.dist.enabled and self.interrupts is not None and self.interrupts.requested:
+                raise KeyboardInterrupt from None  # a collective failed because another process stopped first
+            raise
         finally:
+            self.interrupts.__exit__(None, None, None)
+            self.interrupts = None
             if bar is not None:
                 bar.close()
+            if tensorboard is not None:
+                tensorboard.close()
             self.dits.release()
         plots = []
         if self.dist.is_main and self.s.plot:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -187,6 +188,7 @@ class TrainableDiT:
         self.num_layers = num_layers
         self._patches_applied = False
         self._active = False
+        self._host: dict[tuple[int, str], tuple[torch.nn.Module, str, torch.Tensor, bool]] = {}
         self.mp.model.requires_grad_(False)
         bank.install(self.mp)
         self._block_patches = self._make_block_patches()
@@ -211,12 +213,16 @@ class TrainableDiT:
             self.mp.patch_model(load_weights=False)  # ComfyUI applies the object patches (our forwards)
             self._patches_applied = True
 
-    def activate(self) -> None:
-        """Make this DiT ready to run: object patches applied, weights and adapters on the device."""
+    def activate(self) -> bool:
+        """Make this DiT ready to run: object patches applied, weights and adapters on the device.
+
+        Returns whether weights were copied to the device (what a DiT switch costs when the idle DiT waits in
+        host memory)."""
         self._apply_object_patches()
         if self._active:
-            return
+            return False
         device, stream = self.placement.device, self.placement.stream_blocks
+        keep_host = self.placement.offload_idle and device != self.placement.offload_device
         dm = self.diffusion_model
         streamed = set()
         for i in range(stream):
@@ -226,15 +232,22 @@ class TrainableDiT:
                     if not hasattr(m, "prev_comfy_cast_weights"):
                         m.prev_comfy_cast_weights = m.comfy_cast_weights
                     m.comfy_cast_weights = True
+        moved = False
         for m in dm.modules():
             if id(m) in streamed:
                 continue
             for name, p in list(m.named_parameters(recurse=False)):
                 if p.device != device:
+                    if keep_host:
+                        self._host[(id(m), name)] = (m, name, p.data, True)
                     p.data = p.data.to(device)
+                    moved = True
             for name, b in list(m.named_buffers(recurse=False)):
                 if b.device != device:
+                    if keep_host:
+                        self._host[(id(m), name)] = (m, name, b, False)
                     setattr(m, name, b.to(device))
+                    moved = True
         if stream and device.type == "cuda":
             for i in range(stream):
                 for p in dm.blocks[i].parameters():
@@ -242,17 +255,56 @@ class TrainableDiT:
                         p.data = p.data.pin_memory()
         self.bank.to(device)
         self._active = True
+        return moved
 
     def deactivate(self) -> None:
-        """Move weights back to the offload device (the idle DiT of an A14B pair)."""
+        """Send the weights back to host memory (the idle DiT of an A14B pair), if the placement offloads.
+
+        The frozen weights never change, so their host copies (kept by :meth:`activate`, or file-backed by
+        :meth:`back_with_file`) are simply put back: nothing is copied from the device."""
         if not self._active:
             return
         off = self.placement.offload_device
         if self.placement.offload_idle and off != self.placement.device:
-            self.diffusion_model.to(off)  # the adapters stay: they are small and the optimizer state is there
+            for m, name, host, is_param in self._host.values():
+                if is_param:
+                    getattr(m, name).data = host
+                else:
+                    setattr(m, name, host)
+            self._host.clear()
+            self.diffusion_model.to(off)  # anything without a host copy; the adapters stay (optimizer state)
             if self.placement.device.type == "cuda":
                 torch.cuda.empty_cache()
         self._active = False
+
+    def back_with_file(self, path: str | os.PathLike) -> int:
+        """Let host-resident weights that equal a tensor of the model file be read-only views of that file.
+
+        Safetensors are memory-mapped: such weights live in the page cache, which every process of a
+        ``torchrun`` job on the machine shares and the kernel can drop and re-read, instead of a private copy
+        per process. Weights converted on loading (another dtype) keep their private copy. Returns the bytes
+        now backed by the file.
+        """
+        path = Path(path)
+        if path.suffix.lower() not in (".safetensors", ".sft"):
+            return 0
+        from safetensors import safe_open
+
+        backed = 0
+        dm = self.diffusion_model
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            prefix = next((k[: -len("head.modulation")] for k in keys if k.endswith("head.modulation")), "")
+            for m_name, m in dm.named_modules():
+                for name, p in list(m.named_parameters(recurse=False)):
+                    key = f"{prefix}{m_name}.{name}" if m_name else f"{prefix}{name}"
+                    if key not in keys or p.device.type != "cpu":
+                        continue
+                    view = f.get_tensor(key)
+                    if view.dtype == p.dtype and view.shape == p.shape and torch.equal(view, p.data):
+                        p.data = view
+                        backed += view.numel() * view.element_size()
+        return backed
 
     def release(self) -> None:
         """Undo ComfyUI's object patches (the layers get their plain forwards back)."""
@@ -341,6 +393,8 @@ class DiTSet:
         self.dits = list(dits)
         self.boundary = boundary
         self._active: TrainableDiT | None = None
+        self.moves = 0
+        self.move_seconds = 0.0
 
     @property
     def names(self) -> list[str]:
@@ -365,11 +419,18 @@ class DiTSet:
         raise ValueError(f"no DiT owns noise level t={t} (ranges {[d.t_range for d in self.dits]})")
 
     def activate(self, dit: TrainableDiT) -> TrainableDiT:
-        """Make ``dit`` the one on the device; the previous one goes to the offload device."""
+        """Make ``dit`` the one on the device; the previous one goes to the offload device.
+
+        ``moves`` / ``move_seconds`` count the activations that copied weights to the device and their time."""
         if self._active is not dit:
             if self._active is not None:
                 self._active.deactivate()
-            dit.activate()
+            start = time.perf_counter()
+            if dit.activate():
+                if dit.placement.device.type == "cuda":
+                    torch.cuda.synchronize(dit.placement.device)
+                self.moves += 1
+                self.move_seconds += time.perf_counter() - start
             self._active = dit
         return dit
 

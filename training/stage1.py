@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -60,8 +61,16 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 # ------------------------------------------------------------------------------------------- building
 
-def build_dits(cfg, device, seed: int, expert_names: Sequence[str], log_fn=print):
-    """Load the DiT(s) of ``cfg.model`` through ComfyUI and put a fresh trainable base LoRA on each."""
+def build_dits(cfg, device, seed: int, expert_names: Sequence[str], log_fn=print, make_bank=None,
+               offload_idle: bool | None = None, dist=None):
+    """Load the DiT(s) of ``cfg.model`` through ComfyUI and put a fresh trainable base LoRA on each (or the
+    bank ``make_bank(name, diffusion_model, target_spec, index)`` returns: stage 2).
+
+    ``offload_idle``: keep the idle DiT of a pair in host memory (None: ``model.offload_idle_dit``, "auto" taken
+    as true). DiTs that stay on the device are moved there as soon as they are loaded, and under ``torchrun``
+    the processes of a machine load one after the other, so host memory never holds every process's copy of
+    the DiTs at once; offloaded DiTs are backed by their (memory-mapped, shared) files where the weights allow.
+    """
     from .adapters import AdapterBank, TargetSpec, resolve_blocks, target_linears
     from .models import DiTSet, Placement, TrainableDiT, a14b_ranges, check_pair, load_dit, resolve_model_path
     import torch
@@ -77,9 +86,17 @@ def build_dits(cfg, device, seed: int, expert_names: Sequence[str], log_fn=print
         raise TrainingSetupError("no model given: set model.dit (one DiT) or model.dit_high + model.dit_low "
                                  "(WAN 2.2 A14B), or run the demo with --demo")
     paths = {name: resolve_model_path(spec, f"{name} DiT" if name != "default" else "DiT") for name, spec, _ in specs}
-    placement = Placement(device=device, offload_device=torch.device("cpu"), offload_idle=m.offload_idle_dit,
+    offload = (m.offload_idle_dit is not False) if offload_idle is None else bool(offload_idle)
+    offload = offload and len(specs) > 1 and device.type != "cpu"  # only the idle DiT of a pair is offloaded
+    placement = Placement(device=device, offload_device=torch.device("cpu"), offload_idle=offload,
                           stream_blocks=m.stream_blocks)
+    from .init_lora import init_lora_specs, load_init_lora
+
+    init_specs = init_lora_specs(cfg, [name for name, _, _ in specs])
     dits, patchers = [], {}
+    local_rank, local_world = _local_turn(dist)
+    for _ in range(local_rank):  # wait for the processes of this machine before this one to finish loading
+        dist.barrier()
     for i, (name, _, t_range) in enumerate(specs):
         log_fn(f"loading {name} DiT {paths[name]}")
         mp = load_dit(paths[name], m.weight_dtype, what=f"{name} DiT" if name != "default" else "DiT")
@@ -93,14 +110,39 @@ def build_dits(cfg, device, seed: int, expert_names: Sequence[str], log_fn=print
         ranks = spec.modules()
         if not ranks:
             raise TrainingSetupError("lora.target_blocks and lora.ffn_blocks select no module")
-        bank = AdapterBank.fresh_base(target_linears(dm, spec), ranks, lo.alpha, seed=seed + 7919 * i,
-                                      num_experts=len(expert_names))
+        if make_bank is not None:
+            bank = make_bank(name, dm, spec, i)
+        else:
+            bank = AdapterBank.fresh_base(target_linears(dm, spec), ranks, lo.alpha, seed=seed + 7919 * i,
+                                          num_experts=len(expert_names))
+            if name in init_specs:
+                key, path = init_specs[name]
+                log_fn(f"  {name} LoRA starts from {path} ({key})")
+                load_init_lora(bank, path, key, name, log_fn)
         bank.to(device)
         dits.append(TrainableDiT(name, mp, bank, t_range, placement, cfg.train.gradient_checkpointing,
                                  source=str(paths[name])))
+        if not offload:
+            dits[-1].activate()  # on the device now: its host copy is freed before the next DiT loads
+        else:
+            backed = dits[-1].back_with_file(paths[name])
+            if backed:
+                log_fn(f"  {name} DiT: {backed / 2 ** 30:.1f} GiB of its weights wait in host memory as "
+                       "memory-mapped file pages (shared by the processes of this machine)")
+    for _ in range(local_world - 1 - local_rank):  # let the next processes load
+        dist.barrier()
     if len(patchers) == 2:
         check_pair(patchers["high_noise"], patchers["low_noise"], paths["high_noise"], paths["low_noise"])
     return DiTSet(dits, boundary=m.boundary if m.dit_high else None), paths
+
+
+def _local_turn(dist) -> tuple[int, int]:
+    """(local rank, processes on this machine) under torchrun; (0, 1) otherwise."""
+    import os
+
+    if dist is None or not dist.enabled:
+        return 0, 1
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def sampler_for(cfg, dits):
@@ -122,7 +164,51 @@ def loop_settings(cfg, total_steps: int):
                         min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay,
                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, max_grad_norm=t.max_grad_norm,
                         mixed_precision=t.mixed_precision, roi_weight=o.roi_weight, save_every=out.save_every,
-                        keep_last=out.keep_last, log_every=out.log_every, progress=out.progress, plot=out.plot)
+                        keep_last=out.keep_last, log_every=out.log_every, progress=out.progress, plot=out.plot,
+                        dit_learning_rates={"high_noise": t.learning_rate_high, "low_noise": t.learning_rate_low},
+                        dit_max_steps={"high_noise": t.max_steps_high, "low_noise": t.max_steps_low},
+                        dit_schedule=cfg.model.dit_schedule, dit_switch_every=cfg.model.dit_switch_every,
+                        tensorboard=out.tensorboard)
+
+
+def memory_plan(cfg, device, log_fn: Callable[[str], None] = print):
+    """The memory estimate of the configured run (printed before any big file is loaded), and whether the idle
+    DiT of a pair is offloaded (``model.offload_idle_dit = "auto"``: not when both DiTs and training fit in 80%
+    of the GPU). Video tokens per sample from ``data.max_frames`` and ``data.target_area`` (the buckets' size)."""
+    import torch
+
+    from .adapters import TargetSpec, resolve_blocks
+    from .memory import estimate_memory, fits, read_dit_header
+    from .models import resolve_model_path
+
+    m, lo, t = cfg.model, cfg.lora, cfg.train
+    specs = [m.dit] if m.dit else [m.dit_high if n == "high_noise" else m.dit_low for n in m.train_dits]
+    infos = [read_dit_header(resolve_model_path(s)) for s in specs]
+    info = infos[0]
+    spec = TargetSpec(resolve_blocks(lo.target_blocks, info.num_layers, "lora.target_blocks"),
+                      resolve_blocks(lo.ffn_blocks, info.num_layers, "lora.ffn_blocks"), tuple(lo.projections),
+                      lo.ranks(), lo.alpha)
+    modules = spec.modules()
+    params = len(infos) * sum(r * (info.dim + (info.ffn_dim if n.endswith("ffn.0") else info.dim))
+                              for n, r in modules.items())
+    first = min(int(n.split(".")[1]) for n in modules) if modules else info.num_layers
+    tokens = math.ceil(((cfg.data.max_frames - 1) // 4 + 1) * cfg.data.target_area / 256)
+    encoders = sum(Path(p).stat().st_size for p in (cfg.data.vae, cfg.data.text_encoder) if p and Path(p).is_file())
+    cuda = device.type == "cuda"
+    compute = 2 if (t.mixed_precision == "bf16" or cuda) else 4
+    kwargs = dict(weight_dtype=m.weight_dtype, cuda=cuda, stream_blocks=m.stream_blocks, trainable_params=params,
+                  tokens=tokens, first_adapted=first, checkpointing=t.gradient_checkpointing,
+                  compute_bytes=compute, batch_size=t.batch_size, encoder_bytes=encoders)
+    offload = m.offload_idle_dit is not False and len(infos) > 1 and device.type != "cpu"
+    note = ""
+    if len(infos) > 1 and cuda and m.offload_idle_dit == "auto":
+        total = torch.cuda.get_device_properties(device).total_memory
+        offload = not fits(estimate_memory(infos, offload_idle=False, **kwargs), total)
+        note = (f"; model.offload_idle_dit = auto: {'the idle DiT waits in host memory' if offload else 'both DiTs stay on the GPU'}"
+                f" ({total / 2 ** 30:.0f} GiB GPU)")
+    est = estimate_memory(infos, offload_idle=offload, **kwargs)
+    log_fn(est.format() + note)
+    return est, offload
 
 
 def _check_output_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
@@ -174,9 +260,14 @@ class Stage1Setup:
 
 
 def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encoders: tuple | None = None,
-                 callbacks: Sequence[Callable[[int, dict], None]] = (), log_fn: Callable[[str], None] = print
-                 ) -> Stage1Setup:
-    """Process group, demo assets, data cache, DiTs with fresh adapters, trainer (resumed if asked)."""
+                 callbacks: Sequence[Callable[[int, dict], None]] = (), log_fn: Callable[[str], None] = print,
+                 hooks: Any = None) -> Stage1Setup:
+    """Process group, demo assets, data cache, DiTs with fresh adapters, trainer (resumed if asked).
+
+    ``hooks`` (stage 2, :class:`training.stage2.Stage2Hooks`) supplies the expert names, the adapter bank of
+    each DiT (``make_bank(name, diffusion_model, target_spec, index)``) and the trainer
+    (``make_trainer(cfg, dits, dataset, sampler, out_dir, say, **common)``); the rest is shared.
+    """
     ensure_comfy()
     import os
 
@@ -195,7 +286,7 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
     device = resolve_device(cfg.model.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist = init_distributed(device)
+    dist = init_distributed(device, cfg.train.dist_timeout_minutes)
     say = log_fn if dist.is_main else (lambda *_: None)
     try:
         if cfg.demo.enabled:
@@ -218,6 +309,8 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
                 dit_files.append(resolve_model_path(spec, what))
                 precheck_dit(dit_files[-1], what)
 
+        _, offload = memory_plan(cfg, device, say)
+
         # data: the main process encodes what is missing, the others then find everything cached
         video_enc, text_enc = encoders if encoders is not None else (None, None)
         text_dim = precheck_encoders(cfg.data, dit_files[0] if dit_files else None, video=video_enc is None,
@@ -231,8 +324,10 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
             prepared = prepare(cfg.data, None, video_enc, text_enc, text_dim=text_dim)
         dataset = prepared.dataset
 
-        expert_names = list(DEFAULT_EXPERT_NAMES)
-        dits, dit_paths = build_dits(cfg, device, cfg.train.seed, expert_names, say)
+        expert_names = list(hooks.expert_names) if hooks is not None else list(DEFAULT_EXPERT_NAMES)
+        dits, dit_paths = build_dits(cfg, device, cfg.train.seed, expert_names, say,
+                                     make_bank=hooks.make_bank if hooks is not None else None, offload_idle=offload,
+                                     dist=dist)
         in_dim = dits.dits[0].diffusion_model.patch_embedding.in_channels
         channels = dataset[0]["latent"].shape[0]
         if channels != in_dim:
@@ -241,14 +336,24 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
                                      "channels; the WAN 2.2 5B model uses the 2.2 VAE with 48)")
 
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size
-        total = total_steps_for(cfg.train.epochs, cfg.train.max_steps, len(dataset), global_batch)
         sampler = sampler_for(cfg, dits)
-        trainer = Trainer(dits, dataset, sampler, loop_settings(cfg, total), out_dir, config_to_dict(cfg),
-                          expert_names, dataset_id=dataset_id(prepared), dist=dist, callbacks=callbacks,
-                          model_sets={d.name: {"model": _model_info(d)} for d in dits})
+        common = dict(dataset_id=dataset_id(prepared), dist=dist, callbacks=callbacks,
+                      model_sets={d.name: {"model": _model_info(d)} for d in dits})
+        if hooks is not None:  # stage 2: its own dataset split and trainer
+            trainer = hooks.make_trainer(cfg, dits, dataset, sampler, out_dir, say, **common)
+            dataset = trainer.dataset
+            total = trainer.s.total_steps
+        else:
+            total = total_steps_for(cfg.train.epochs, cfg.train.max_steps, len(dataset), global_batch)
+            trainer = Trainer(dits, dataset, sampler, loop_settings(cfg, total), out_dir, config_to_dict(cfg),
+                              expert_names, **common)
+        if not trainer.schedule.training(max(0, total - 1)):
+            raise TrainingSetupError(f"train.max_steps_high / max_steps_low: no DiT trains after step "
+                                     f"{max(cfg.train.max_steps_high, cfg.train.max_steps_low)}, but the run has "
+                                     f"{total} steps")
         if resume is not None:
             trainer.resume(out_dir if resume == "auto" else resume)
-        n_params = sum(d.bank.num_trainable() for d in dits)
+        n_params = sum(p.numel() for p in trainer.params)
         high = (f", {sampler.fraction_above(dits.boundary):.0%} of samples on the high-noise DiT"
                 if dits.boundary is not None and len(dits) == 2 else "")
         say(f"training {', '.join(dits.names)}: {len(dits.dits[0].bank.names)} adapted modules per DiT, "
@@ -256,6 +361,11 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
             f"({dist.world_size} process(es)), {total} steps from step {trainer.step}; t in "
             f"[{sampler.t_min:g}, {sampler.t_max:g}] ({sampler.sampling}, shift {sampler.shift:g}){high}; "
             f"device {device}")
+        if len(dits) > 1:
+            lrs = [f"{g['name']} {g['initial_lr']:g}" for g in trainer.optimizer.param_groups]
+            every = f" (every {cfg.model.dit_switch_every} steps)" if cfg.model.dit_schedule != "per_sample" else ""
+            say(f"A14B: model.dit_schedule = {cfg.model.dit_schedule}{every}; learning rates {', '.join(lrs)}"
+                + "".join(f"; {n} trains the first {s} steps" for n, s in trainer.s.dit_max_steps.items() if s))
         return Stage1Setup(cfg, trainer, prepared, dit_paths, dist, device, say)
     except BaseException:
         if dist.initialized_here:
@@ -330,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print how much GPU and host memory the configured run needs (from the files' headers) "
+                        "and exit")
     return p
 
 
@@ -361,6 +474,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_cli_config(args, dotted)
         if args.print_config:
             print(to_toml(cfg), end="")
+            return 0
+        if args.estimate_memory:
+            from .determinism import resolve_device
+
+            memory_plan(cfg, resolve_device(cfg.model.device), print)
             return 0
         if not args.config and not args.demo:
             print("error: give --config run.toml (or --demo for the CPU demo); --print-config shows every key",
