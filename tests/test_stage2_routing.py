@@ -146,3 +146,27 @@ def test_balanced_sampler_is_deterministic_and_balanced():
     counts = torch.bincount(torch.tensor([classes[i] for i in seq]), minlength=4).float() / len(seq)
     assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.03), counts
     assert BalancedOrder(classes, seed=4).permutation(0) != order.permutation(0)
+
+
+def test_optional_identity_and_temporal_terms_train_and_are_logged(skewed, tmp_path):
+    ws, base = skewed
+
+    class Classifier(torch.nn.Module):  # latent [B, C, F, H, W] -> logits [B, 4]
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.mean(dim=(2, 3, 4)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "classifier.pt"
+    torch.jit.script(Classifier()).save(str(path))
+    result = run_stage2(_cfg(ws, tmp_path / "run", train={"max_steps": 3},
+                             loss={"identity": 0.5, "identity_classifier": str(path), "temporal": 0.5}),
+                        base_loras={"default": base}, log_fn=QUIET)
+    lines = [json.loads(x) for x in result.metrics.read_text().splitlines()]
+    assert all(x["identity"] > 0 and x["temporal"] > 0 for x in lines)
+    missing = _cfg(ws, tmp_path / "bad", loss={"identity": 0.5, "identity_classifier": str(tmp_path / "no.pt")})
+    with pytest.raises(FileNotFoundError, match="loss.identity_classifier: .*no.pt not found"):
+        run_stage2(missing, base_loras={"default": base}, log_fn=QUIET)

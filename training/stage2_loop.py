@@ -349,7 +349,7 @@ class Stage2Trainer(Trainer):
         saved = self.s.seed
         self.s.seed = seed
         try:
-            rows = [self._prepare_row(p) for p in range(num_samples)]
+            rows = [self._prepare_row(p, self.sampler) for p in range(num_samples)]
         finally:
             self.s.seed = saved
         total = 0.0
