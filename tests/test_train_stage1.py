@@ -121,6 +121,8 @@ def test_stage1_lora_is_the_base_of_a_lora_moe(ws, trained, tmp_path):
                                 torch.randn(proj.out_features, 4, generator=g) * 0.05, 4.0) for _ in range(4)]
     path = save_lora_moe(moe, tmp_path / "moe.safetensors")
     moe = load_lora_moe(path)
+    # the stage-1 LoRA records its DiT, so the assembled file knows the depth and width it fits
+    assert moe.sets["default"].model == {"dim": 128, "num_layers": tf.LAYERS, "ffn_dim": 256, "in_dim": 16}
     ours = _apply(apply_lora_moe(comfy.sd.load_diffusion_model(str(ws.dit)), moe, alpha_base=1.0, routing=None),
                   x, t, ctx)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-5)

@@ -240,7 +240,8 @@ def export_loras(trainer, cfg, out_dir: Path, dit_paths: dict[str, Path]) -> dic
         meta = {"wan_lora_moe_stage": "1", "wan_lora_moe_set": d.name,
                 "wan_lora_moe_fingerprint": json.dumps(trainer._fingerprints[d.name]),
                 "wan_lora_moe_dit": Path(dit_paths[d.name]).name, "wan_lora_moe_steps": str(trainer.step),
-                "wan_lora_moe_t_range": json.dumps(list(d.t_range))}
+                "wan_lora_moe_t_range": json.dumps(list(d.t_range)),
+                "wan_lora_moe_model": json.dumps(_model_info(d))}
         save_lora(d.bank.base_lora(), path, dtype=dtype, metadata=meta)
         out[d.name] = path
     return out
