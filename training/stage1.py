@@ -191,6 +191,9 @@ def memory_plan(cfg, device, log_fn: Callable[[str], None] = print):
     modules = spec.modules()
     params = len(infos) * sum(r * (info.dim + (info.ffn_dim if n.endswith("ffn.0") else info.dim))
                               for n, r in modules.items())
+    moe = getattr(cfg, "moe", None)
+    if moe is not None:  # stage 2: N experts train (16 bytes a parameter), the base is a float32 buffer (4)
+        params = int(len(moe.expert_names) * moe.expert_rank_scale * params + params // 4)
     first = min(int(n.split(".")[1]) for n in modules) if modules else info.num_layers
     tokens = math.ceil(((cfg.data.max_frames - 1) // 4 + 1) * cfg.data.target_area / 256)
     encoders = sum(Path(p).stat().st_size for p in (cfg.data.vae, cfg.data.text_encoder) if p and Path(p).is_file())
