@@ -174,6 +174,15 @@ def test_metrics_pictures_and_validation(trained):
     assert set(v["per_dit"]) == {"high_noise", "low_noise"}
     assert v["router_agreement"] >= 0.95
     assert json.loads((trained.out_dir / "validation.json").read_text())["val_loss"] == pytest.approx(v["val_loss"])
+    # the trainer's fixed-sample evaluation runs the trained gates (experts on): not the experts-off loss
+    trainer = trained.trainer
+    with_experts = trainer.evaluate(4)
+    saved, trainer.spec.alpha_expert = trainer.spec.alpha_expert, 0.0
+    try:
+        without = trainer.evaluate(4)
+    finally:
+        trainer.spec.alpha_expert = saved
+    assert with_experts == with_experts and with_experts != without
 
 
 def test_the_trained_file_samples_in_comfyui(trained, ws, tmp_path, wan_contexts):

@@ -382,10 +382,14 @@ class Trainer:
             t = torch.stack([r["t"] for r in chunk]).to(device)
             x_t, target = noisy_input(x0, torch.stack([r["noise"] for r in chunk]).to(device), t)
             context = torch.stack([r["item"]["context"].float() for r in chunk]).to(device)
-            with dit.adapters(self.gains([r["item"] for r in chunk], dit)):
+            with dit.adapters(self.eval_gains(dit, chunk, t)):
                 pred = dit.predict(x_t, t, context, self.autocast)
             total += float(per_sample_loss(pred, target).sum())
         return total / num_samples
+
+    def eval_gains(self, dit: TrainableDiT, rows: list[dict], t: torch.Tensor) -> torch.Tensor:
+        """Slot gains of evaluation rows (stage 2 overrides it with its trained gates)."""
+        return self.gains([r["item"] for r in rows], dit)
 
     # -- checkpoints --------------------------------------------------------------------------------
 

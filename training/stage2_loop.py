@@ -343,29 +343,10 @@ class Stage2Trainer(Trainer):
 
     # -- evaluation on fixed training samples ----------------------------------------------------------
 
-    @torch.no_grad()
-    def evaluate(self, num_samples: int = 8, seed: int = 12345) -> float:
-        """Mean flow loss (plain MSE) with the trained gates over fixed samples drawn from ``seed``."""
-        saved = self.s.seed
-        self.s.seed = seed
-        try:
-            rows = [self._prepare_row(p, self.sampler) for p in range(num_samples)]
-        finally:
-            self.s.seed = saved
-        total = 0.0
-        for dit_index, chunk in self._groups(rows):
-            dit = self.dits.activate(self.dits.dits[dit_index])
-            device = dit.placement.device
-            x0 = dit.process_latent_in(torch.stack([r["item"]["latent"].float() for r in chunk]).to(device))
-            t = torch.stack([r["t"] for r in chunk]).to(device)
-            x_t, target = noisy_input(x0, torch.stack([r["noise"] for r in chunk]).to(device), t)
-            context = torch.stack([r["item"]["context"].float() for r in chunk]).to(device)
-            teacher, label, _ = self._row_targets(chunk, device)
-            gains = self.spec.gains(self.spec.routed(teacher, label, t, self.routers.get(dit.name)), t)
-            with dit.adapters(gains):
-                pred = dit.predict(x_t, t, context, self.autocast)
-            total += float(flow_terms(pred, target, None)[0].sum())
-        return total / num_samples
+    def eval_gains(self, dit: TrainableDiT, rows: list[dict], t: torch.Tensor) -> torch.Tensor:
+        """:meth:`Trainer.evaluate`'s gains: the trained gates of these rows at their t."""
+        teacher, label, _ = self._row_targets(rows, t.device)
+        return self.spec.gains(self.spec.routed(teacher, label, t, self.routers.get(dit.name)), t)
 
     # -- checkpoints ------------------------------------------------------------------------------------
 
