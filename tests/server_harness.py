@@ -9,9 +9,10 @@
     <tmp>/models/lora_moe/{tiny_single,broken_header,truncated}.safetensors   for the error tests
     <tmp>/models/vae/wan21_vae_random.safetensors         the real WAN 2.1 VAE architecture, random weights
 
-and runs ``python main.py --cpu --listen 127.0.0.1 --port <free> --base-directory <tmp>
---disable-auto-launch --database-url sqlite:///:memory:`` from the ComfyUI checkout, in its own process
-group, killed when the test process dies (PR_SET_PDEATHSIG) and always stopped by ``stop()``.
+and runs ComfyUI on it with ``training.comfy_server.ComfyServer`` (the demo's server): ``python main.py --cpu
+--listen 127.0.0.1 --port <free> --base-directory <tmp> --disable-auto-launch --database-url
+sqlite:///:memory:`` from the ComfyUI checkout, in its own process group, killed when the test process dies
+(PR_SET_PDEATHSIG) and always stopped by ``stop()``.
 
 One server is shared by every test module of a pytest session (``shared_server()``, reference counted),
 because starting ComfyUI costs ~10-20 s on two cores.
@@ -23,21 +24,12 @@ fixture text encoder in place of CLIPLoader + CLIPTextEncode).
 from __future__ import annotations
 
 import atexit
-import ctypes
 import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +39,10 @@ from safetensors.torch import save_file
 import pack_fixtures
 from moe_core import workflow_api as ui_to_api
 import wan_fixtures
-from moe_core.comfy_runtime import find_comfyui
 from moe_core.checkpoint import read_safetensors
 from moe_core.patch import model_fingerprint
+from training import comfy_server
+from training.comfy_server import ServerError, output_files  # noqa: F401  (the tests use them as H.*)
 
 REPO_ROOT = pack_fixtures.REPO_ROOT
 PACK_DIR = pack_fixtures.PACK_DIR_NAME
@@ -176,35 +169,15 @@ def write_models(models: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ComfyServer(comfy_server.ComfyServer):
+    """The tests' server (``training.comfy_server.ComfyServer``, the demo's) on a temporary base directory
+    holding the fixtures listed in the module docstring, always on the CPU."""
 
-
-def _die_with_parent() -> None:  # runs in the child before exec
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class ServerError(RuntimeError):
-    pass
-
-
-class ComfyServer:
     def __init__(self, base: Path | None = None):
-        self.base = Path(base or tempfile.mkdtemp(prefix="wlm-comfy-"))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.base / "server.log"
-        self.startup_s: float | None = None
-        self._object_info: dict | None = None
+        # Tiny models: one intra-op thread is faster, above all on a busy 2-core machine (see conftest.py).
+        threads = int(os.environ.get("OMP_NUM_THREADS") or os.environ.get("WLM_TEST_THREADS", "1"))
+        super().__init__(base or tempfile.mkdtemp(prefix="wlm-comfy-"), cpu=True, threads=threads)
 
-    # -- lifecycle
     def prepare(self) -> None:
         if (self.base / ".prepared").exists():
             return
@@ -225,109 +198,11 @@ class ComfyServer:
         (user / "comfy.settings.json").write_text(json.dumps(FRONTEND_SETTINGS, indent=1))
         (self.base / ".prepared").touch()
 
-    def start(self, timeout: float = 180.0) -> "ComfyServer":
-        self.prepare()
-        comfy = find_comfyui()
-        cmd = [sys.executable, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-        # Tiny models: one intra-op thread is faster, above all on a busy 2-core machine (see conftest.py).
-        env.setdefault("OMP_NUM_THREADS", os.environ.get("WLM_TEST_THREADS", "1"))
-        env.pop("COMFYUI_PATH", None)
-        t0 = time.monotonic()
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=self.base, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_die_with_parent)
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self.get("/system_stats", timeout=2)[0] == 200:
-                    self.startup_s = time.monotonic() - t0
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise ServerError(f"ComfyUI did not answer within {timeout}s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=15)
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
     def cleanup(self) -> None:
         self.stop()
         if os.environ.get("WLM_KEEP_SERVER_DIR"):
             return
         shutil.rmtree(self.base, ignore_errors=True)
-
-    def log_tail(self, n: int = 80) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    # -- HTTP
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                raw, status = r.read(), r.status
-        except urllib.error.HTTPError as e:
-            raw, status = e.read(), e.code
-        try:
-            return status, json.loads(raw)
-        except ValueError:
-            return status, raw.decode(errors="replace")
-
-    def get(self, path: str, timeout: float = 30) -> tuple[int, Any]:
-        return self.request("GET", path, timeout=timeout)
-
-    def object_info(self) -> dict:
-        if self._object_info is None:
-            status, info = self.get("/object_info", timeout=60)
-            assert status == 200, info
-            self._object_info = info
-        return self._object_info
-
-    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
-        return self.request("POST", "/prompt", {"prompt": prompt, "client_id": "wlm-tests"})
-
-    def wait(self, prompt_id: str, timeout: float = 240) -> dict:
-        """The /history entry of a prompt once it has finished (success or error)."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if not self.alive():
-                raise ServerError(f"server died while running {prompt_id}:\n{self.log_tail()}")
-            status, hist = self.get(f"/history/{prompt_id}")
-            if status == 200 and prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-                entry = hist[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            time.sleep(0.25)
-        raise ServerError(f"prompt {prompt_id} did not finish within {timeout}s:\n{self.log_tail()}")
-
-    def run(self, prompt: dict, timeout: float = 240) -> dict:
-        status, body = self.post_prompt(prompt)
-        if status != 200:
-            raise ServerError(f"prompt refused ({status}): {json.dumps(body, ensure_ascii=False)[:3000]}")
-        return self.wait(body["prompt_id"], timeout)
 
 
 _shared: ComfyServer | None = None
@@ -419,16 +294,6 @@ def api_prompt(workflow: dict, object_info: dict, name: str) -> tuple[dict, list
             if isinstance(value, list) and value[0] not in out:
                 raise AssertionError(f"{nid}.{key} links to dropped node {value[0]}")
     return out, changes
-
-
-def output_files(entry: dict, base: Path) -> list[Path]:
-    """Files a finished prompt wrote, from its /history outputs."""
-    files = []
-    for out in entry.get("outputs", {}).values():
-        for item in out.get("images", []) + out.get("videos", []) + out.get("gifs", []):
-            if item.get("type") == "output":
-                files.append(base / "output" / item.get("subfolder", "") / item["filename"])
-    return files
 
 
 def prompt_hash(prompt: dict) -> str:

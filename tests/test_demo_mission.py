@@ -44,7 +44,9 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("mission")
     sets = {"demo.work_dir": root / "work", "data.cache_dir": root / "work" / "cache",
             "stage1.output.dir": root / "stage1", "stage2.output.dir": root / "stage2",
-            "mission.out_dir": root / "report", "mission.comfy_dir": root / "comfyui"}
+            "mission.out_dir": root / "report",
+            # relative, as in the embedded config (the demo runs from the repository root)
+            "mission.comfy_dir": os.path.relpath(root / "comfyui", REPO)}
     cmd = ["bash", str(REPO / "scripts" / "demo.sh"), "--fast"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
@@ -194,9 +196,9 @@ def test_report_opens_in_chromium_with_every_image_loaded(demo):
 
 # ------------------------------------------------------------------------------------------- config
 
-def test_mission_config_sections_go_to_their_stage():
-    from training.config import ConfigError
-    from training.mission import load_mission_config
+def test_mission_config_sections_go_to_their_stage(tmp_path):
+    from training.config import ConfigError, config_to_dict
+    from training.mission_config import load_mission_config, mission_toml
 
     mc = load_mission_config(None, ["stage2.train.max_steps=7", "train.cpu_threads=2", "generate.steps=6"])
     assert mc.stage1.train.max_steps == 40 and mc.stage2.train.max_steps == 7
@@ -204,6 +206,11 @@ def test_mission_config_sections_go_to_their_stage():
     assert mc.stage2.validation.holdout_fraction == 0.25 and mc.own.generate.steps == 6
     fast = load_mission_config(None, fast=True)
     assert (fast.stage1.demo.width, fast.stage1.demo.frames, fast.own.generate.steps) == (32, 5, 4)
+    # --print-config's output is a config file that gives the same run
+    (tmp_path / "my.toml").write_text(mission_toml(fast), encoding="utf-8")
+    again = load_mission_config(tmp_path / "my.toml")
+    for part in ("stage1", "stage2", "own"):
+        assert config_to_dict(getattr(again, part)) == config_to_dict(getattr(fast, part)), part
     with pytest.raises(ConfigError, match=r"unknown section\(s\) \[trian\]"):
         load_mission_config(None, ["trian.max_steps=3"])
     with pytest.raises(ConfigError, match=r"stage 1\).*train.epochs_x"):

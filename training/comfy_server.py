@@ -52,7 +52,7 @@ class ComfyServer:
 
     def __init__(self, base: str | os.PathLike, cpu: bool = True, threads: int | None = None,
                  extra_args: tuple[str, ...] = ()):
-        self.base = Path(base)
+        self.base = Path(base).absolute()  # ComfyUI runs with the base as its working directory
         self.cpu = cpu
         self.threads = threads
         self.extra_args = tuple(extra_args)

@@ -89,6 +89,9 @@ class ClipSpec:
     experts_off: bool = False
     purpose: str = ""
     keep_schedules: bool = False  # copy the Timestep Band nodes' pictures into the output folder
+    # a further graph edit after the substitutions (the ablation runner's arms): changes the API prompt in place
+    # and returns what it changed, in the words of ``changes``
+    edit: Callable[[dict], list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,8 @@ def substitute(api: dict, spec: ClipSpec, settings: RenderSettings, names: dict[
         for nid in nodes_of(prompt, "WanLoRAMoE_PromptRouter"):
             del prompt[nid]
         changes.append("Load LoRA-MoE (both): routing input disconnected (experts off, base LoRA only)")
+    if spec.edit is not None:
+        changes += spec.edit(prompt)
     for nid, node in prompt.items():  # nothing may point at a removed node
         for key, value in node["inputs"].items():
             if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] not in prompt:

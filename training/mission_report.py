@@ -23,17 +23,38 @@ DISCLAIMER = ("Tiny random models make no useful videos. The DiTs and the VAE of
               "on the same graph and the same kind of files a real run uses.")
 
 
-def clip_usage(clip, lora_moe: Path, expert_names: Sequence[str], split: int, steps: int, shift: float
-               ) -> list[float]:
-    """Each expert's mean gate over the sampler steps of one rendered clip (band and EMA included).
+def step_gates(routing, moe, schedule_data: dict, split: int, steps: int, shift: float) -> list[list[float]]:
+    """Each sampler step's gates of one render of the A14B graph, as its ``GateController`` computed them.
 
     Steps before ``split`` run on the high-noise DiT with its set's router, the rest on the low-noise DiT with
-    its own, the EMA starting afresh at the split (each KSamplerAdvanced is a sampling run of its own).
+    its own, the EMA starting afresh at the split (each KSamplerAdvanced is a sampling run of its own); band and
+    EMA beta are the Timestep Band nodes' (``schedule_data``: set -> their ``wlm_schedule`` output).
     """
     from moe_core.band import TimestepBand
-    from moe_core.checkpoint import load_lora_moe
-    from moe_core.routing import LearnedRouter, rule_route
+    from moe_core.routing import LearnedRouter
     from moe_core.schedule import flow_sigmas, gates_vs_steps
+
+    sigmas = flow_sigmas(steps, shift)
+    per_step: list[list[float]] = []
+    for set_name, rng in (("high_noise", range(0, split)), ("low_noise", range(split, steps))):
+        data = schedule_data.get(set_name)
+        if data is None or not len(rng):
+            continue
+        aset = moe.sets[set_name]
+        router = LearnedRouter.from_state_dict(aset.router) if aset.router is not None else None
+        band = TimestepBand.from_json(data["band"])
+        trace = gates_vs_steps(routing, moe.expert_names, band, sigmas,
+                               float(data.get("ema_beta", moe.defaults.ema_beta)), router, restart_at=[split],
+                               max_gate=moe.defaults.max_gate, clip_level=moe.defaults.clip_level)
+        per_step += [trace[i].gates for i in rng]
+    return per_step
+
+
+def clip_usage(clip, lora_moe: Path, expert_names: Sequence[str], split: int, steps: int, shift: float
+               ) -> list[float]:
+    """Each expert's mean gate over the sampler steps of one rendered clip (band and EMA included)."""
+    from moe_core.checkpoint import load_lora_moe
+    from moe_core.routing import rule_route
 
     if clip.spec.experts_off or not clip.router:
         return [0.0] * len(expert_names)
@@ -42,19 +63,7 @@ def clip_usage(clip, lora_moe: Path, expert_names: Sequence[str], split: int, st
     routing = rule_route(clip.spec.prompt, expert_names, top_k=int(ui.get("top_k", 2)),
                          temperature=float(ui.get("temperature", 1.0)), mode=ui.get("mode", "rule"),
                          keywords=moe.expert_keywords, fallback="Other" if "Other" in expert_names else "off")
-    sigmas = flow_sigmas(steps, shift)
-    per_step: list[list[float]] = []
-    for set_name, rng in (("high_noise", range(0, split)), ("low_noise", range(split, steps))):
-        data = clip.schedule_data.get(set_name)
-        if data is None or not len(rng):
-            continue
-        aset = moe.sets[set_name]
-        router = LearnedRouter.from_state_dict(aset.router) if aset.router is not None else None
-        band = TimestepBand.from_json(data["band"])
-        trace = gates_vs_steps(routing, expert_names, band, sigmas, float(data.get("ema_beta", moe.defaults.ema_beta)),
-                               router, restart_at=[split], max_gate=moe.defaults.max_gate,
-                               clip_level=moe.defaults.clip_level)
-        per_step += [trace[i].gates for i in rng]
+    per_step = step_gates(routing, moe, clip.schedule_data, split, steps, shift)
     if not per_step:
         return [0.0] * len(expert_names)
     return [float(v) for v in np.mean(np.array(per_step), axis=0)]
@@ -220,4 +229,4 @@ def _facts(clips, decoded, usage, expert_names, instrument, auto, off, stage1, s
     return facts
 
 
-__all__ = ["DISCLAIMER", "clip_usage", "write_mission_report"]
+__all__ = ["DISCLAIMER", "clip_usage", "step_gates", "write_mission_report"]
