@@ -83,6 +83,8 @@ def route(teacher: torch.Tensor, t: torch.Tensor, mode: RouterMode, router: Lear
       get exactly 0.
     - ``learned``: softmax of the MLP's logits / T over ``[log max(w, 1e-3), t]``.
     - ``manual``: the weights as given (Gate Override), no top-k.
+    - ``cycle``: 1/N each, the mean over one cycle (the sampler's :class:`GateController` gives each step its
+      one expert; a gate against t alone has no step to choose by).
     Rows whose teacher is all zero (no instrument, fallback "off") stay zero whatever the router says.
     """
     teacher = teacher.float()
@@ -90,6 +92,8 @@ def route(teacher: torch.Tensor, t: torch.Tensor, mode: RouterMode, router: Lear
     if mode == "manual":
         probs = teacher
         gates = teacher
+    elif mode == "cycle":
+        probs = gates = torch.full_like(teacher, 1.0 / teacher.shape[-1])
     else:
         if mode == "rule":
             logits = torch.where(teacher > 0, torch.log(teacher.clamp_min(1e-30)),
@@ -154,14 +158,21 @@ class GateController:
             return self._ema
         n = len(self.expert_names)
         routing = self.config.routing
-        raw = (raw_gates(routing, self.expert_names, sigma, self.router, self.config.max_gate,
-                         self.config.clip_level) if routing else torch.zeros(n))
-        beta = self.config.ema_beta
-        self._ema = raw if self._ema is None else beta * self._ema + (1.0 - beta) * raw
-        self._last_sigma = sigma
         step = None
         if sample_sigmas is not None and sample_sigmas.numel():
             step = int((sample_sigmas.float().cpu() - sigma).abs().argmin())
+        if routing is not None and routing.mode == "cycle":
+            # LoRA Switch: expert (step mod N) alone, switched hard (no EMA); the step counts within this
+            # sampling run (each KSamplerAdvanced of an A14B split starts its own cycle)
+            raw = torch.zeros(n)
+            raw[(len(self.trace) if step is None else step) % n] = 1.0
+            self._ema = raw
+        else:
+            raw = (raw_gates(routing, self.expert_names, sigma, self.router, self.config.max_gate,
+                             self.config.clip_level) if routing else torch.zeros(n))
+            beta = self.config.ema_beta
+            self._ema = raw if self._ema is None else beta * self._ema + (1.0 - beta) * raw
+        self._last_sigma = sigma
         band = self.config.band.factor(sigma)
         self.trace.append({"step": step, "sigma": sigma, "raw": raw.tolist(), "ema": self._ema.tolist(),
                            "band": band, "gates": (self._ema * band).tolist(), "rows": []})

@@ -3,7 +3,9 @@
 Three sources, one output shape (a probability vector over the file's experts):
 - rule-based: instrument keywords in the prompt, shared equally among the instruments found;
 - learned: the file's small MLP over the rule logits and t, so it starts from the teacher and may deviate;
-- manual: gates fixed by hand (Gate Override), which win over both.
+- manual: gates fixed by hand (Gate Override), which win over both;
+- cycle: one expert per sampler step, in turn (the training-free "LoRA Switch" baseline): step k of a sampling
+  run gives expert k mod N gate 1 (``moe_core.gating.GateController`` knows the step).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 from .vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_FALLBACK, detect_instruments, keywords_for
 
-RouterMode = Literal["rule", "learned", "manual"]
+RouterMode = Literal["rule", "learned", "manual", "cycle"]
 UncondPolicy = Literal["same", "off"]
 
 #: Floor of the rule probabilities before taking logs, so absent instruments get a finite logit.
@@ -54,6 +56,8 @@ class Routing:
         found = ", ".join(self.detected) if self.detected else "none"
         note = f" ({self.note})" if self.note else ""
         extra = " (the file's learned router refines these per noise level)" if self.mode == "learned" else ""
+        if self.mode == "cycle":
+            shown, extra = "one expert per sampler step, in turn", ""
         return f"[{self.mode}] instruments: {found}{note} -> gates: {shown or 'all off'}{extra}"
 
 
@@ -105,6 +109,14 @@ def manual_route(weights: dict[str, float], *, base: Routing | None = None) -> R
         return Routing(mode="manual", weights=norm, top_k=len(norm), detected=detected)
     return replace(base, mode="manual", weights=norm, top_k=len(norm), detected=detected,
                    note="gates overridden by hand")
+
+
+def cycle_route(*, base: Routing | None = None) -> Routing:
+    """Cycle the experts per sampler step ("LoRA Switch"): no weights, the file's experts taken in order."""
+    note = "cycling experts per sampler step (LoRA Switch)"
+    if base is None:
+        return Routing(mode="cycle", weights={}, top_k=1, note=note)
+    return replace(base, mode="cycle", weights={}, top_k=1, note=note)
 
 
 def _check_topk_temperature(top_k: int, temperature: float, n: int) -> None:

@@ -56,7 +56,7 @@ class RoutingValue:
 
     def resolve(self, moe: LoraMoE) -> Routing:
         r = self.routing
-        if r.mode == "manual":
+        if r.mode in ("manual", "cycle"):  # fixed by hand / the file's experts in turn: no prompt routing
             return r
         unknown_fallback = self.fallback not in ("off", "error", *moe.expert_names)
         try:

@@ -1,17 +1,20 @@
-"""Gate Override: fix the expert gates by hand (one chosen instrument, or a weight per expert)."""
+"""Gate Override: fix the expert gates by hand (one chosen instrument, a weight per expert, or the experts in
+turn, one per sampler step)."""
 from __future__ import annotations
 
 import math
 
 from comfy_api.latest import io
 
-from ..moe_core.routing import manual_route
+from ..moe_core.routing import cycle_route, manual_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 from .common import (CATEGORY, RoutingIO, RoutingValue, as_routing_value, check_choices, instrument_label,
                      node_id)
 from .validation import sibling_values
 
 BY_WEIGHTS = "by weights"
+#: The training-free "LoRA Switch" baseline: expert (step mod N) alone at each sampler step.
+CYCLE = "cycle per step"
 #: Widget id per default expert (ids must be plain identifiers; the labels carry the full names).
 WEIGHT_INPUTS = {"Scissors": "scissors", "Hook/Electrocautery": "hook_electrocautery", "Suction": "suction",
                  "Other": "other"}
@@ -47,8 +50,9 @@ class GateOverride(io.ComfyNode):
                 RoutingIO.Input("routing", optional=True,
                                 tooltip="Optional: a Router's output whose gates are replaced (its prompt and "
                                 "detection stay in the description)."),
-                io.Combo.Input("instrument", options=[BY_WEIGHTS, *DEFAULT_EXPERT_NAMES], default=BY_WEIGHTS,
-                               tooltip="Force one expert (gate 1, the others 0), or use the weights below."),
+                io.Combo.Input("instrument", options=[BY_WEIGHTS, *DEFAULT_EXPERT_NAMES, CYCLE], default=BY_WEIGHTS,
+                               tooltip="Force one expert (gate 1, the others 0), use the weights below, or "
+                               f"'{CYCLE}': each sampler step gives one expert gate 1, in turn (LoRA Switch)."),
                 *weights,
             ],
             outputs=[
@@ -68,7 +72,7 @@ class GateOverride(io.ComfyNode):
     def validate_inputs(cls, instrument):
         # One argument, so that ComfyUI shows each problem once, on instrument (see validation.py). ComfyUI
         # itself refuses a weight outside 0..1, on that weight; left here: all four weights zero.
-        error = check_choices(instrument=(instrument, (BY_WEIGHTS, *DEFAULT_EXPERT_NAMES)))
+        error = check_choices(instrument=(instrument, (BY_WEIGHTS, *DEFAULT_EXPERT_NAMES, CYCLE)))
         if error or instrument != BY_WEIGHTS:
             return error or True
         values = sibling_values(cls, *WEIGHT_INPUTS.values())
@@ -82,16 +86,19 @@ class GateOverride(io.ComfyNode):
 
     @classmethod
     def execute(cls, instrument, scissors, hook_electrocautery, suction, other, routing=None) -> io.NodeOutput:
-        error = check_choices(instrument=(instrument, (BY_WEIGHTS, *DEFAULT_EXPERT_NAMES)))
-        if error:
-            raise ValueError(error)
-        weights = cls._weights(instrument, {"scissors": scissors, "hook_electrocautery": hook_electrocautery,
-                                            "suction": suction, "other": other})
-        error = check_weights(weights)
+        error = check_choices(instrument=(instrument, (BY_WEIGHTS, *DEFAULT_EXPERT_NAMES, CYCLE)))
         if error:
             raise ValueError(error)
         base = as_routing_value(routing)
-        fixed = manual_route(weights, base=base.routing if base is not None else None)
+        if instrument == CYCLE:
+            fixed = cycle_route(base=base.routing if base is not None else None)
+        else:
+            weights = cls._weights(instrument, {"scissors": scissors, "hook_electrocautery": hook_electrocautery,
+                                                "suction": suction, "other": other})
+            error = check_weights(weights)
+            if error:
+                raise ValueError(error)
+            fixed = manual_route(weights, base=base.routing if base is not None else None)
         value = RoutingValue(fixed, fallback=base.fallback if base is not None else RoutingValue(fixed).fallback)
         line = fixed.describe()
         return io.NodeOutput(value, line, ui={"text": [line], "wlm_routing": [dict(value.to_ui(), line=line)]})
