@@ -19,8 +19,8 @@ import torch
 
 from .band import TimestepBand
 from .checkpoint import A14B_BOUNDARY
-from .gating import GateConfig, GateController
-from .routing import LearnedRouter, Routing, raw_gates
+from .gating import GateConfig, GateController, GateSettings, route
+from .routing import LearnedRouter, Routing, expert_vector
 
 #: WAN 2.2 A14B text-to-video: the high-noise DiT runs while t >= this, the low-noise DiT below it.
 A14B_T2V_BOUNDARY = A14B_BOUNDARY
@@ -51,24 +51,23 @@ def flow_sigmas(steps: int, shift: float, scheduler: str = "simple", timesteps: 
     return [float(table[-(1 + int(x * ss))]) for x in range(int(steps))] + [0.0]
 
 
-def _router_gates(routing: Routing | None, expert_names: Sequence[str], t: float,
-                  router: LearnedRouter | None, max_gate: float = 1.0, clip_level: bool = False) -> torch.Tensor:
-    if routing is None:
-        return torch.zeros(len(expert_names))
-    return raw_gates(routing, expert_names, t, router, max_gate, clip_level)
-
-
 def gates_vs_t(routing: Routing | None, expert_names: Sequence[str], band: TimestepBand,
                ts: Sequence[float], router: LearnedRouter | None = None, max_gate: float = 1.0,
                clip_level: bool = False) -> tuple[list[list[float]], list[float]]:
-    """(gate per t and expert = router gate × band, band factor per t); no EMA (it depends on the steps)."""
-    gates, factors = [], []
-    for t in ts:
-        f = band.factor(float(t))
-        gates.append([float(g) * f for g in _router_gates(routing, expert_names, float(t), router, max_gate,
-                                                          clip_level)])
-        factors.append(f)
-    return gates, factors
+    """(gate per t and expert = router gate × band, band factor per t); no EMA (it depends on the steps).
+
+    One batched call of the gate function for all t (the node redraws this on every edit)."""
+    factors = [band.factor(float(t)) for t in ts]
+    if routing is None:
+        raw = [[0.0] * len(expert_names) for _ in ts]
+    else:
+        w = expert_vector(routing, expert_names)
+        settings = GateSettings(temperature=routing.temperature, top_k=routing.top_k, max_gate=max_gate,
+                                clip_level=clip_level)
+        with torch.no_grad():
+            raw = route(w.expand(len(ts), -1), torch.tensor([float(t) for t in ts]), routing.mode, router,
+                        settings).gates.tolist()
+    return [[g * f for g in row] for row, f in zip(raw, factors)], factors
 
 
 @dataclass(frozen=True)
