@@ -186,6 +186,15 @@ class OutputSection:
     progress: bool = doc("show a progress bar", True)
     tensorboard: bool = doc("also write TensorBoard event files (output.dir/tensorboard; needs the tensorboard "
                             "package, else a warning)", True)
+    render_every: int = doc("validation renders every N optimizer steps: one short clip per instrument sampled "
+                            "through ComfyUI's sampler with the current weights, decoded with data.vae, saved as "
+                            "renders/step_N/<instrument>.mp4 (0: off; needs a real VAE, not a demo: stand-in)", 0)
+    render_steps: int = doc("sampler steps of a validation render (euler, simple, shift 8; an A14B pair splits them "
+                            "at model.boundary as the bundled workflow does)", 8)
+    render_seed: int = doc("noise seed of the validation renders (the same noise at every render, so they compare)",
+                           0)
+    render_cfg: float = doc("CFG scale of the validation renders: 1 samples the prompt alone; above 1 the negative "
+                            "is an all-zero text embedding (no text encoder is loaded while training)", 1.0)
 
 
 @dataclass
@@ -264,16 +273,24 @@ def validate_common(cfg: Any, where: str = "config") -> None:
         raise _fail(where, "model.device", f"{m.device!r}: use auto, cpu, cuda or cuda:N")
     positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "lora.rank_q": lo.rank_q, "lora.rank_k": lo.rank_k, "lora.rank_v": lo.rank_v,
-                "lora.rank_o": lo.rank_o, "lora.rank_ffn": lo.rank_ffn, "output.log_every": out.log_every}
+                "lora.rank_o": lo.rank_o, "lora.rank_ffn": lo.rank_ffn, "output.log_every": out.log_every,
+                "output.render_steps": out.render_steps}
     for key, value in positive.items():
         if value < 1:
             raise _fail(where, key, f"must be >= 1, got {value}")
     for key, value in {"train.max_steps": t.max_steps, "train.warmup_steps": t.warmup_steps,
                        "output.save_every": out.save_every, "output.keep_last": out.keep_last,
+                       "output.render_every": out.render_every, "output.render_seed": out.render_seed,
                        "train.cpu_threads": t.cpu_threads,
                        "data.stride": d.stride}.items():
         if value < 0:
             raise _fail(where, key, f"must be >= 0, got {value}")
+    if not (out.render_cfg > 0 and math.isfinite(out.render_cfg)):
+        raise _fail(where, "output.render_cfg", f"must be > 0 (1: no negative pass), got {out.render_cfg}")
+    if out.render_every and d.vae.startswith("demo:"):
+        raise _fail(where, "output.render_every", f"validation renders decode with data.vae, but data.vae = {d.vae!r} "
+                                                  "is a stand-in that cannot decode: give the WAN VAE file, or set "
+                                                  "output.render_every = 0")
     if t.max_steps == 0 and not (t.epochs > 0 and math.isfinite(t.epochs)):
         raise _fail(where, "train.epochs", f"must be > 0 when train.max_steps is 0, got {t.epochs}")
     if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):

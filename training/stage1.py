@@ -370,6 +370,9 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
             every = f" (every {cfg.model.dit_switch_every} steps)" if cfg.model.dit_schedule != "per_sample" else ""
             say(f"A14B: model.dit_schedule = {cfg.model.dit_schedule}{every}; learning rates {', '.join(lrs)}"
                 + "".join(f"; {n} trains the first {s} steps" for n, s in trainer.s.dit_max_steps.items() if s))
+        from .validation_render import attach_renderer
+
+        attach_renderer(trainer, cfg, say)  # output.render_every: clips every N steps, after the checkpoint
         return Stage1Setup(cfg, trainer, prepared, dit_paths, dist, device, say)
     except BaseException:
         if dist.initialized_here:
