@@ -110,3 +110,14 @@ def test_roi_pixels_are_those_whose_centre_is_inside_the_box():
         ours = _roi_mask(np.array([[x0, y0, x1, y1]]), 0, 48, 64)
         assert np.array_equal(np.zeros_like(expected) if ours is None else ours > 0, expected)
     assert _roi_mask(np.array([[np.nan] * 4]), 0, 48, 64) is None
+
+
+def test_frames_too_small_for_optical_flow_get_a_clear_error():
+    import numpy as np
+
+    from training.evaluation.temporal import FlowConfig, FlowEstimator
+    from training.evaluation.videos import EvalInputError
+
+    with pytest.raises(EvalInputError, match=r"16x16 px are 8x8 px at flow scale 0.5.*--flow-scale 0.75"):
+        FlowEstimator(FlowConfig()).prepare(np.zeros((16, 16, 3), np.uint8))
+    assert FlowEstimator(FlowConfig(scale=0.75)).prepare(np.zeros((16, 16, 3), np.uint8)).shape == (12, 12)

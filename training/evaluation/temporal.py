@@ -59,6 +59,10 @@ class FlowConfig:
                 f"{PSNR_CAP_DB:g} dB")
 
 
+#: The smallest side, in pixels after scaling, OpenCV's DIS/Farneback flow accepts here.
+MIN_FLOW_SIDE = 12
+
+
 class FlowEstimator:
     """Dense flow ``a -> b`` at full resolution (``[H, W, 2]`` float32: where each pixel of ``a`` moves)."""
 
@@ -78,6 +82,13 @@ class FlowEstimator:
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         if self.config.scale != 1.0:
             grey = cv2.resize(grey, None, fx=self.config.scale, fy=self.config.scale, interpolation=cv2.INTER_AREA)
+        if min(grey.shape) < MIN_FLOW_SIDE:  # OpenCV's flow fails on smaller images with a bare cv2.error
+            from .videos import EvalInputError
+
+            h, w = rgb.shape[:2]
+            raise EvalInputError(f"frames of {w}x{h} px are {grey.shape[1]}x{grey.shape[0]} px at flow scale "
+                                 f"{self.config.scale:g}: optical flow needs at least {MIN_FLOW_SIDE} px a side; use "
+                                 f"--flow-scale {min(1.0, MIN_FLOW_SIDE / min(h, w)):.2g} or larger clips")
         return grey
 
     def flow(self, a: np.ndarray, b: np.ndarray, size: tuple[int, int]) -> np.ndarray:
