@@ -102,6 +102,7 @@ class MonitorState:
     best_val: float | None = None
     bad_validations: int = 0
     warned: list[str] = field(default_factory=list)
+    active: list[str] = field(default_factory=list)  # warnings whose condition still holds (said once)
 
 
 class Stage2Trainer(Trainer):
@@ -310,16 +311,18 @@ class Stage2Trainer(Trainer):
         top = int(gates.argmax())
         metrics["epoch_usage_entropy"] = h
         metrics["epoch_max_usage"] = float(gates[top])
-        warnings = []
+        found: dict[str, str] = {}
         p = cfg.roi_plateau_epochs
         hist = m.roi_history
         if p and len(hist) > p and min(hist[-p:]) > 0.99 * min(hist[:-p]):
-            warnings.append(f"the ROI loss has not improved by 1% for {p} epochs (best {min(hist):.4g})")
+            found["roi"] = f"the ROI loss has not improved by 1% for {p} epochs (best {min(hist):.4g})"
         if self.train_router and h < cfg.min_entropy:
-            warnings.append(f"routing entropy {h:.3f} fell below {cfg.min_entropy} (collapse?)")
+            found["entropy"] = f"routing entropy {h:.3f} fell below {cfg.min_entropy} (collapse?)"
         if float(gates[top]) > cfg.max_usage:
-            warnings.append(f"expert {self.expert_names[top]} takes {float(gates[top]):.0%} of the routing "
-                            f"(over {cfg.max_usage:.0%})")
+            found[f"usage:{top}"] = (f"expert {self.expert_names[top]} takes {float(gates[top]):.0%} of the "
+                                     f"routing (over {cfg.max_usage:.0%})")
+        warnings = [text for key, text in found.items() if key not in m.active]  # each said when it starts
+        m.active = list(found)
         if warnings:
             metrics["warnings"] = warnings
             for w in warnings:
