@@ -70,16 +70,29 @@ def ema_check(trainer, cfg) -> dict[str, Any]:
 
 
 def _matrix_picture(validation: dict, path: Path) -> Path:
-    """Heatmap of the held-out loss, forced expert (rows) × clip class (columns), base and routed below."""
-    plain = validation["plain"]
+    """Heatmaps of the held-out loss, forced expert (rows) × clip class (columns), base and routed below: the
+    whole frame, and (when the clips have tip boxes) the ROI term, stacked."""
+    tiles = [_matrix_tile(validation, kind) for kind in ("plain", "roi") if kind in validation]
+    img = Image.new("RGB", (max(t.width for t in tiles), sum(t.height for t in tiles)), "white")
+    y = 0
+    for tile in tiles:
+        img.paste(tile, (0, y))
+        y += tile.height
+    img.save(path)
+    return path
+
+
+def _matrix_tile(validation: dict, kind: str) -> Image.Image:
+    plain = validation[kind]
     experts, classes = validation["experts"], validation["classes"]
     rows = [(f"expert: {e}", plain["matrix"][i]) for i, e in enumerate(experts)]
     rows += [("experts off (stage 1)", plain["base"]), ("routed", plain["routed"])]
     cell_w, cell_h, left, top = 130, 34, 190, 70
     img = Image.new("RGB", (left + cell_w * len(classes) + 20, top + cell_h * len(rows) + 40), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 10), "held-out flow loss: forced expert x clip class (lower is better; box = best per class)",
-           fill="black")
+    what = "whole frame" if kind == "plain" else "ROI (instrument tip cells)"
+    d.text((10, 10), f"held-out flow loss, {what}: forced expert x clip class (lower is better; box = best per "
+                     "class)", fill="black")
     values = [v for _, r in rows for v in r]
     lo, hi = min(values), max(values)
     for j, c in enumerate(classes):
@@ -96,8 +109,7 @@ def _matrix_picture(validation: dict, path: Path) -> Path:
             if i < len(experts) and best[j] == i:
                 d.rectangle([x, y, x + cell_w - 4, y + cell_h - 4], outline="black", width=3)
             d.text((x + 8, y + 10), f"{v:.4f}", fill="white")
-    img.save(path)
-    return path
+    return img
 
 
 def write_stage2_pictures(trainer, cfg, out_dir: Path, validation: dict | None) -> list[Path]:
