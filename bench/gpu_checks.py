@@ -91,18 +91,17 @@ def overhead(size: str, compile_backend: str | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------- train
 
 def train_bench_options() -> dict:
-    """What ``bench_train_step.py`` offers, read from its ``--help``: a stage option, an fp8 dtype."""
+    """What ``bench_train_step.py`` offers, read from its ``--help``: an fp8 dtype."""
     import bench_train_step
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
         bench_train_step.main(["--help"])
     text = buf.getvalue()
-    stage = re.search(r"--stage\b", text) is not None
     dtypes = re.search(r"--dtype\s+\{([^}]*)\}", text)
     fp8 = next((c.strip() for c in (dtypes.group(1).split(",") if dtypes else []) if c.strip().startswith("fp8")),
                None)
-    return {"stage_option": stage, "fp8_dtype": fp8}
+    return {"fp8_dtype": fp8}
 
 
 @contextlib.contextmanager
@@ -127,8 +126,6 @@ def train(size: str, stage: int = 1, fp8: bool = False) -> dict:
 
     sz = SIZES[size]
     options = train_bench_options()
-    if stage != 1 and not options["stage_option"]:
-        raise NotImplementedError("bench/bench_train_step.py has no --stage option yet")
     cuda = torch.cuda.is_available()
     dtype = "bf16" if cuda else "fp32"
     argv = ["--mode", "fused", "--steps", str(sz["train_steps"]), "--warmup", str(sz["train_warmup"]),
@@ -139,8 +136,7 @@ def train(size: str, stage: int = 1, fp8: bool = False) -> dict:
         argv += ["--dim", str(sz["dim"]), "--layers", str(sz["layers"]), "--ffn", str(sz["ffn"]),
                  "--frames", str(sz["frames"]), "--height", str(sz["height"]), "--width", str(sz["width"]),
                  "--tokens", str(sz["text_tokens"])]
-    if options["stage_option"]:
-        argv += ["--stage", str(stage)]
+    argv += ["--stage", str(stage)]
     fp8_via = None
     if fp8 and options["fp8_dtype"]:
         argv += ["--dtype", options["fp8_dtype"]]

@@ -188,3 +188,33 @@ class Page:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(r["data"]))
         return path
+
+
+def report_page_state(html: Path, extra_js: str = "") -> tuple[dict, list[str]]:
+    """Open a local report in headless Chromium; returns ``({images: [[src, complete, naturalWidth]...],
+    title, ...extra}, console errors)``. ``extra_js`` adds fields to the evaluated object (``"tables: ..."``).
+    Fails the test (never skips it) when no Chromium is installed."""
+    import pytest
+
+    path = find_chromium()
+    if path is None:
+        pytest.fail("Chromium not found: install Debian's chromium with `bash scripts/install_browser.sh` "
+                    "(apt-get install -y chromium) or point WLM_CHROMIUM at a Chromium/Chrome binary")
+
+    async def check() -> tuple[dict, list[str]]:
+        browser = Browser(path).start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                page = await browser.page(http)
+                await page.navigate(html.as_uri())
+                await page.wait_for("document.readyState === 'complete'", timeout=60)
+                state = await page.evaluate(
+                    "({images: [...document.images].map((i) => [i.getAttribute('src'), i.complete, i.naturalWidth]),"
+                    " title: document.title" + (", " + extra_js if extra_js else "") + "})")
+                errors = list(page.errors)
+                await page.close()
+                return state, errors
+        finally:
+            browser.stop()
+
+    return asyncio.run(check())

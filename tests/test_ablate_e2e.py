@@ -9,7 +9,6 @@ the clips are decoded with imageio-ffmpeg, and the report is opened in headless 
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
@@ -276,30 +275,7 @@ def test_report_has_a_table_per_metric_with_intervals(ablation):
 
 def test_report_opens_in_chromium_with_every_image_loaded(ablation):
     out = ablation["out"]
-    path = cdp.find_chromium()
-    if path is None:
-        pytest.fail("Chromium not found: install Debian's chromium with `bash scripts/install_browser.sh` "
-                    "(apt-get install -y chromium) or point WLM_CHROMIUM at a Chromium/Chrome binary")
-
-    async def check():
-        import aiohttp
-
-        browser = cdp.Browser(path).start()
-        try:
-            async with aiohttp.ClientSession() as http:
-                page = await browser.page(http)
-                await page.navigate((out / "report.html").as_uri())
-                await page.wait_for("document.readyState === 'complete'", timeout=60)
-                state = await page.evaluate(
-                    "({images: [...document.images].map((i) => [i.getAttribute('src'), i.complete, i.naturalWidth]),"
-                    " title: document.title, tables: document.querySelectorAll('table').length})")
-                errors = list(page.errors)
-                await page.close()
-                return state, errors
-        finally:
-            browser.stop()
-
-    state, errors = asyncio.run(check())
+    state, errors = cdp.report_page_state(out / "report.html", "tables: document.querySelectorAll('table').length")
     assert state["title"] == "WAN LoRA-MoE: ablation"
     srcs = [s for s, _, _ in state["images"]]
     # per seed shown a contact sheet and x-t slices; expert usage (4-expert and 2-expert files); 2 schedules per

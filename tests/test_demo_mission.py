@@ -8,7 +8,6 @@ Chromium. Plus the mission config's rules (no run needed).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -163,30 +162,7 @@ def test_report_links_pictures_that_load_and_states_what_the_run_shows(demo):
 
 def test_report_opens_in_chromium_with_every_image_loaded(demo):
     _, out, _ = demo
-    path = cdp.find_chromium()
-    if path is None:
-        pytest.fail("Chromium not found: install Debian's chromium with `bash scripts/install_browser.sh` "
-                    "(apt-get install -y chromium) or point WLM_CHROMIUM at a Chromium/Chrome binary")
-
-    async def check() -> tuple[dict, list[str]]:
-        import aiohttp
-
-        browser = cdp.Browser(path).start()
-        try:
-            async with aiohttp.ClientSession() as http:
-                page = await browser.page(http)
-                await page.navigate((out / "report.html").as_uri())
-                await page.wait_for("document.readyState === 'complete'", timeout=60)
-                state = await page.evaluate(
-                    "({images: [...document.images].map((i) => [i.getAttribute('src'), i.complete, i.naturalWidth]),"
-                    " title: document.title})")
-                errors = list(page.errors)
-                await page.close()
-                return state, errors
-        finally:
-            browser.stop()
-
-    state, errors = asyncio.run(check())
+    state, errors = cdp.report_page_state(out / "report.html")
     assert state["title"] == "WAN LoRA-MoE: demo run"
     assert len(state["images"]) >= 5
     not_loaded = [src for src, complete, width in state["images"] if not (complete and width > 0)]

@@ -293,16 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ensure_comfy()
-    from moe_core.routing import RoutingError
     from .comfy_server import ServerError
     from .generate import GenerationError
-    from .stage1 import _known_errors
-    from .stage2 import BaseLoraError
-    from .stage2_eval import HoldoutError
+    from .stage2 import known_errors
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    errors = _known_errors() + (BaseLoraError, HoldoutError, RoutingError, GenerationError, ServerError)
+    errors = known_errors() + (GenerationError, ServerError)
     try:
         mc = load_mission_config(args.config, args.overrides, args.fast)
         if args.print_config:

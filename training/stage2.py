@@ -360,14 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def known_errors() -> tuple[type[BaseException], ...]:
+    """Errors the stage-2 CLIs report as one clear line (exit 2): stage 1's, plus base, split and routing ones."""
+    from moe_core.routing import RoutingError
+    from .stage1 import _known_errors
+    from .stage2_eval import HoldoutError
+    from .stage2_router import RouterSetupError
+
+    return _known_errors() + (BaseLoraError, HoldoutError, RoutingError, RouterSetupError, FileNotFoundError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ensure_comfy()
     from .config import ConfigError, load_config, split_dotted_flags, to_toml
-    from .stage1 import _known_errors
     from .stage2_config import Stage2Config
-    from .stage2_eval import HoldoutError
-    from moe_core.routing import RoutingError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -376,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(rest)
-    errors = _known_errors() + (BaseLoraError, HoldoutError, RoutingError, FileNotFoundError)
+    errors = known_errors()
     try:
         cfg = load_config(Stage2Config, args.config, list(args.overrides) + list(dotted))
         if args.print_config:
