@@ -37,13 +37,16 @@ LATENT_CHANNELS = 16
 DEFAULT_LATENT_SHAPE = (1, LATENT_CHANNELS, 3, 8, 8)  # [batch, channels, frames, height, width]
 
 
-def tiny_wan_state_dict(seed: int = 0, num_layers: int = 10, dim: int = 128, ffn_dim: int = 256
-                        ) -> dict[str, torch.Tensor]:
+def tiny_wan_state_dict(seed: int = 0, num_layers: int = 10, dim: int = 128, ffn_dim: int = 256,
+                        family: str = "t2v") -> dict[str, torch.Tensor]:
     """A ``WanModel`` (t2v) state dict with deterministic hand-made weights: un-prefixed keys, as in a WAN DiT
     ``.safetensors`` file. The builder is the demo's (``training.demo.build_random_wan_dit``): linear/conv
     weights ~ N(0, 0.02), biases 0, norm weights 1, ``modulation`` ~ N(0, 0.1), one head per 128 dims.
+
+    ``family``: ``t2v`` (default), ``i2v`` (WAN 2.2 I2V A14B layout: 36 input channels) or ``ti2v`` (WAN 2.2
+    TI2V 5B layout: 48 in and out; ComfyUI loads it as ``WAN22_T2V``), see ``moe_core.families``.
     """
-    return build_random_wan_dit(num_layers=num_layers, dim=dim, ffn_dim=ffn_dim, seed=seed)
+    return build_random_wan_dit(num_layers=num_layers, dim=dim, ffn_dim=ffn_dim, seed=seed, family=family)
 
 
 def load_tiny_wan(sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None, **model_options):
@@ -128,3 +131,38 @@ def sample(model, positive, negative, seed: int, steps: int = 4, cfg: float = 4.
         denoise=denoise, disable_noise=not add_noise, start_step=start_step, last_step=last_step,
         force_full_denoise=force_full_denoise, callback=callback, disable_pbar=True, seed=seed,
     )
+
+
+# ------------------------------------------------------------------------------ WAN 2.2 VAE (TI2V 5B)
+
+def wan22_vae_file() -> Path:
+    """A random WAN 2.2 VAE ``.safetensors`` (seed 0, fp16, 1.4 GB; its width is fixed by ComfyUI's loader),
+    built once and kept in ``$WLM_TEST_MODELS`` (default ``~/.cache/comfyui-wanloramoe/test-models``) so
+    later test sessions reuse it; written atomically, so an interrupted build is never picked up."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from moe_core.atomic import atomic_path
+    from training.demo import build_random_wan22_vae
+
+    root = Path(os.environ.get("WLM_TEST_MODELS", Path.home() / ".cache" / "comfyui-wanloramoe" / "test-models"))
+    path = root / "random_wan22_vae_seed0_fp16.safetensors"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(build_random_wan22_vae(seed=0), str(tmp))
+    return path
+
+
+_WAN22_VAE = None
+
+
+def wan22_vae():
+    """The random WAN 2.2 VAE loaded through ComfyUI's own VAE loader (``comfy.sd.VAE``), one per process."""
+    global _WAN22_VAE
+    if _WAN22_VAE is None:
+        import comfy.utils
+
+        _WAN22_VAE = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(wan22_vae_file())))
+    return _WAN22_VAE

@@ -30,16 +30,22 @@ DIT_FILE = "tiny_wan_t2v.safetensors"
 VAE_FILE = "random_wan21_vae.safetensors"
 
 
-def build_random_wan_dit(num_layers: int = 4, dim: int = 128, ffn_dim: int | None = None, seed: int = 0
-                         ) -> dict[str, torch.Tensor]:
-    """State dict of a random text-to-video ``WanModel`` (float32), un-prefixed keys as in WAN files."""
+def build_random_wan_dit(num_layers: int = 4, dim: int = 128, ffn_dim: int | None = None, seed: int = 0,
+                         family: str = "t2v") -> dict[str, torch.Tensor]:
+    """State dict of a random ``WanModel`` (float32), un-prefixed keys as in WAN files.
+
+    ``family`` (``moe_core.families``): ``t2v`` (16 latent channels in and out), ``i2v`` (36 in: WAN 2.2 I2V
+    A14B, no CLIP image embedding, as the released files) or ``ti2v`` (48 in and out: WAN 2.2 TI2V 5B)."""
     import comfy.ldm.wan.model
     import comfy.ops
 
+    from moe_core.families import FAMILIES
+
+    fam = FAMILIES[family]
     ffn_dim = ffn_dim or 2 * dim
     model = comfy.ldm.wan.model.WanModel(
-        model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=dim, ffn_dim=ffn_dim, freq_dim=256,
-        text_dim=4096, out_dim=16, num_heads=max(1, dim // 128), num_layers=num_layers,
+        model_type="t2v", patch_size=(1, 2, 2), in_dim=fam.in_dim, dim=dim, ffn_dim=ffn_dim, freq_dim=256,
+        text_dim=4096, out_dim=fam.out_dim, num_heads=max(1, dim // 128), num_layers=num_layers,
         operations=comfy.ops.disable_weight_init)
     gen = torch.Generator().manual_seed(seed)
     norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
@@ -65,6 +71,27 @@ def build_random_wan_vae(seed: int = 0, dtype: torch.dtype = torch.float16) -> d
 
     model = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                      temperal_downsample=[False, True, True], dropout=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) / max(1, p[0].numel()) ** 0.5)
+            elif name.endswith("gamma") or name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+
+
+def build_random_wan22_vae(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """State dict of a WAN 2.2 VAE (48 latent channels, 16x spatial compression: TI2V 5B) with random weights.
+
+    ComfyUI's loader fixes its width (dim 160: ~705M parameters, 1.4 GB in fp16, ~10 s to build on 2 cores),
+    so tests build it once per session; encoding or decoding a few 64x64 frames takes seconds on the CPU."""
+    import comfy.ldm.wan.vae2_2
+
+    model = comfy.ldm.wan.vae2_2.WanVAE(dim=160, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                        temperal_downsample=[False, True, True], dropout=0.0)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -162,4 +189,4 @@ def prepare_demo(cfg, log_fn=print, pair: bool | None = None):
     return dataclasses.replace(cfg, model=model, data=data)
 
 
-__all__ = ["build_random_wan_dit", "build_random_wan_vae", "demo_clips", "demo_dit_paths", "prepare_demo"]
+__all__ = ["build_random_wan22_vae", "build_random_wan_dit", "build_random_wan_vae", "demo_clips", "demo_dit_paths", "prepare_demo"]
