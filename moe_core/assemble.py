@@ -8,8 +8,9 @@ For the WAN 2.2 A14B pair, prefix a part with its DiT: `--base high_noise:base_h
 `--expert low_noise:Scissors=scissors_low.safetensors`. Any key format ComfyUI's LoRA loader reads for WAN
 works (musubi/kohya, diffusers-style, ComfyUI trainer), with or without alpha.
 
-Each set records the DiT it belongs to, so that Load LoRA-MoE refuses the file on a DiT of another depth or
-width and `adapter_set = auto` finds each A14B DiT's set: from `--dit [SET:]PATH` (the DiT file the LoRAs
+Each set records the DiT it belongs to, so that Load LoRA-MoE refuses the file on a DiT of another depth,
+width or model family (T2V, I2V A14B, TI2V 5B: `moe_core.families`; an I2V pair's sets switch at t = 0.9, not
+T2V's 0.875) and `adapter_set = auto` finds each A14B DiT's set: from `--dit [SET:]PATH` (the DiT file the LoRAs
 were trained on; only its header and `head.modulation` are read), else from what this pack's stage-1
 trainer writes into its LoRAs (`wan_lora_moe_fingerprint`, `wan_lora_moe_set`, optionally
 `wan_lora_moe_model`). Without either, only the width (from the LoRA shapes) is recorded, and a note says so.
@@ -24,14 +25,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .band import BandError, TimestepBand
-from .checkpoint import (A14B_BOUNDARY, SET_NAMES, Adapter, AdapterSet, LoraMoE, LoraMoEFormatError, MoEDefaults,
+from .checkpoint import (SET_NAMES, Adapter, AdapterSet, LoraMoE, LoraMoEFormatError, MoEDefaults,
                          ProjectionAdapters, read_safetensors, save_lora_moe)
 from .dit_info import (DitFileError, DitFileInfo, block_indices, closest_fingerprint, read_dit_file,
                        width_from_modules)
+from .families import ModelFamilyError, family_of_record, model_record_problem, pair_boundary
 from .lora_formats import parse_lora
 from .vocabulary import DEFAULT_EXPERT_NAMES
 
-_SIGMA_RANGES = {"high_noise": (A14B_BOUNDARY, 1.0), "low_noise": (0.0, A14B_BOUNDARY)}
+
+
+def sigma_range(set_name: str, model: dict[str, Any] | None) -> tuple[float, float] | None:
+    """Where on the noise scale an A14B set's DiT works: above or below its family's boundary (T2V 0.875,
+    I2V 0.9; a set recording no family is T2V); None for a single DiT."""
+    boundary = pair_boundary(model)
+    return {"high_noise": (boundary, 1.0), "low_noise": (0.0, boundary)}.get(set_name)
 
 
 def _split_set(spec: str) -> tuple[str, str]:
@@ -49,7 +57,7 @@ class _Part:
     adapters: dict[str, Adapter]
     set_name: str | None
     fingerprint: list[float] | None
-    model: dict[str, int] | None
+    model: dict[str, Any] | None
 
 
 def _read_part(path: Path) -> _Part:
@@ -67,13 +75,14 @@ def _read_part(path: Path) -> _Part:
     if fingerprint is not None and not (isinstance(fingerprint, list)
                                         and all(isinstance(v, (int, float)) for v in fingerprint)):
         raise LoraMoEFormatError(f"{path}: metadata 'wan_lora_moe_fingerprint' is not a list of numbers")
-    if model is not None and not (isinstance(model, dict) and all(isinstance(v, int) for v in model.values())):
-        raise LoraMoEFormatError(f"{path}: metadata 'wan_lora_moe_model' is not an object of integers")
+    problem = None if model is None else model_record_problem(model)
+    if problem:
+        raise LoraMoEFormatError(f"{path}: metadata 'wan_lora_moe_model' {problem}")
     return _Part(path, parse_lora(tensors, source=str(path)), header.get("wan_lora_moe_set"), fingerprint, model)
 
 
 def _set_model(set_name: str, parts: list[_Part], dit: DitFileInfo | None, dit_path: Path | None,
-               shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, int], list[float] | None]:
+               shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, Any], list[float] | None]:
     """The `model` metadata and fingerprint of one set, from --dit and the parts' metadata, cross-checked."""
     for p in parts:
         if p.set_name in ("high_noise", "low_noise") and set_name in ("high_noise", "low_noise") \
@@ -90,6 +99,23 @@ def _set_model(set_name: str, parts: list[_Part], dit: DitFileInfo | None, dit_p
             raise LoraMoEFormatError(f"{p.path} was trained on another DiT than {source} (their DiT fingerprints "
                                      f"differ): set '{set_name}' mixes LoRAs of different models")
     model = dict(dit.model) if dit is not None else next((dict(p.model) for p in parts if p.model), {})
+    try:  # every part that records a model family must agree with --dit (or the first part that records one)
+        family = family_of_record(model)
+        family_source = f"--dit {dit_path}" if dit is not None else next((str(p.path) for p in parts if p.model), None)
+        for p in parts:
+            theirs = family_of_record(p.model)
+            if theirs is None:
+                continue
+            if family is None:
+                family, family_source = theirs, str(p.path)
+            elif theirs.name != family.name:
+                raise LoraMoEFormatError(
+                    f"{p.path} was trained on {theirs.title}, but {family_source or 'another part'} is "
+                    f"{family.title}: set '{set_name}' mixes LoRAs of different model families")
+    except ModelFamilyError as e:
+        raise LoraMoEFormatError(f"set '{set_name}': {e}") from None
+    if family is not None:
+        model["family"] = family.name
     width = width_from_modules(shapes)
     if width is not None:
         if model.get("dim") not in (None, width):
@@ -138,7 +164,7 @@ def assemble(base: dict[str, Path], experts: dict[str, dict[str, Path]], expert_
         model, fingerprint = _set_model(set_name, [p for p in [base_part, *expert_parts.values()] if p], dit,
                                         dits.get(set_name),
                                         {m: (p.in_features, p.out_features) for m, p in modules.items()})
-        sets[set_name] = AdapterSet(set_name, modules, sigma_range=_SIGMA_RANGES.get(set_name),
+        sets[set_name] = AdapterSet(set_name, modules, sigma_range=sigma_range(set_name, model),
                                     fingerprint=fingerprint, model=model)
     if not sets:
         raise LoraMoEFormatError("nothing to assemble: give --base and/or --expert files")
@@ -153,6 +179,9 @@ def notes(moe: LoraMoE) -> list[str]:
         if aset.model.get("num_layers") is None:
             out.append(f"set '{name}' records no DiT depth ({dit}<DiT file> records it): Load LoRA-MoE cannot refuse "
                        "this file on a DiT with another number of blocks")
+        if aset.model.get("family") is None and aset.model.get("in_dim") is None:
+            out.append(f"set '{name}' records no model family ({dit}<DiT file> records it): Load LoRA-MoE cannot "
+                       "refuse this file on a DiT of another family (text-, image- or text/image-to-video)")
         if len(moe.sets) > 1 and not aset.fingerprint:
             out.append(f"set '{name}' records no DiT fingerprint ({dit}<DiT file> records it): adapter_set 'auto' "
                        "cannot pick it; choose high-noise / low-noise on each Load LoRA-MoE node")

@@ -22,13 +22,15 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path
 from .band import DEFAULT_BAND, BandError, TimestepBand
+from .families import FAMILIES, T2V_BOUNDARY, model_record_problem
 
 FORMAT_NAME = "wan-lora-moe"
 FORMAT_VERSION = 1
 METADATA_KEY = "lora_moe"
 SET_NAMES = ("default", "high_noise", "low_noise")
-#: Where each A14B expert works on the noise scale (WAN 2.2 t2v boundary 0.875).
-A14B_BOUNDARY = 0.875
+#: The WAN 2.2 T2V A14B boundary (t = 0.875) between the high- and low-noise DiT. The I2V A14B pair switches at
+#: t = 0.9: `moe_core.families.pair_boundary` gives the boundary of a set from its recorded model.
+A14B_BOUNDARY = T2V_BOUNDARY
 
 
 class LoraMoEFormatError(ValueError):
@@ -71,7 +73,9 @@ class AdapterSet:
     router: dict[str, torch.Tensor] | None = None
     sigma_range: tuple[float, float] | None = None
     fingerprint: list[float] | None = None
-    model: dict[str, int] = field(default_factory=dict)
+    #: The DiT the set was made for: {dim, num_layers, ffn_dim, in_dim, out_dim: int, family: str}, every field
+    #: optional (older files record fewer; see `moe_core.families.model_record_problem`).
+    model: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -307,8 +311,12 @@ def from_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
                 used.add(key)
                 router[b] = tensors[key]
         sr = smeta.get("sigma_range")
+        model = smeta.get("model") or {}
+        problem = model_record_problem(model)
+        if problem:
+            raise LoraMoEFormatError(f"{src}: set '{sname}': the 'model' metadata {problem}")
         sets[sname] = AdapterSet(sname, modules, router, tuple(sr) if sr else None, smeta.get("fingerprint"),
-                                 smeta.get("model") or {})
+                                 dict(model))
     extra = sorted(set(tensors) - used)
     if extra:
         raise LoraMoEFormatError(f"{src}: {len(extra)} tensors not declared by the metadata, e.g. {extra[:3]}")
@@ -343,6 +351,9 @@ def validate(moe: LoraMoE) -> None:
                         raise LoraMoEFormatError(f"{where}.{part}: dtype {t.dtype} is not floating point")
                     if not bool(torch.isfinite(t).all()):
                         raise LoraMoEFormatError(f"{where}.{part}: contains NaN or Inf values")
+        problem = model_record_problem(aset.model)
+        if problem:
+            raise LoraMoEFormatError(f"{src}: set '{sname}': the 'model' record {problem}")
         if aset.router is not None:
             for k, t in aset.router.items():
                 if not bool(torch.isfinite(t).all()):

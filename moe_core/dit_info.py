@@ -1,8 +1,9 @@
 """What a LoRA-MoE records about the WAN DiT it belongs to, read without ComfyUI: shape and fingerprint.
 
-- The shape (`dim`, `num_layers`, `ffn_dim`, `in_dim`, the keys `training.models.model_info` writes) lets
-  Load LoRA-MoE refuse a file on a DiT of another depth or width, where module names alone would let a
-  10-layer file land on blocks 2-9 of a 12-layer model.
+- The shape (`dim`, `num_layers`, `ffn_dim`, `in_dim`, `out_dim`, the keys `training.models.model_info` writes)
+  and the model `family` (`moe_core.families`: t2v, i2v, ti2v, from in/out channels) let Load LoRA-MoE refuse
+  a file on a DiT of another depth, width or family, where module names alone would let a 10-layer file land
+  on blocks 2-9 of a 12-layer model, or a text-to-video file on the image-to-video DiT.
 - The fingerprint (a few values of `head.modulation`, which no LoRA changes) tells the two WAN 2.2 A14B
   DiTs apart, so `adapter_set = auto` picks each DiT's own set.
 
@@ -19,6 +20,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from .families import ModelFamilyError, family_from_dims
 
 #: How many values of `head.modulation` a fingerprint holds.
 FINGERPRINT_SIZE = 32
@@ -80,7 +83,7 @@ def width_from_modules(shapes: Mapping[str, tuple[int, int]]) -> int | None:
 
 @dataclass(frozen=True)
 class DitFileInfo:
-    model: dict[str, int]  # dim, num_layers, ffn_dim, in_dim
+    model: dict[str, int | str]  # dim, num_layers, ffn_dim, in_dim, out_dim, family
     fingerprint: list[float]
 
 
@@ -102,9 +105,15 @@ def read_dit_file(path: str | os.PathLike) -> DitFileInfo:
     try:
         model = {"dim": int(modulation.shape[-1]), "num_layers": len(layers),
                  "ffn_dim": int(shapes["blocks.0.ffn.0.weight"][0]),
-                 "in_dim": int(shapes["patch_embedding.weight"][1])}
+                 "in_dim": int(shapes["patch_embedding.weight"][1]),
+                 # the head writes out_dim x (1 x 2 x 2 patch) values per token
+                 "out_dim": int(shapes["head.head.weight"][0]) // 4}
     except (KeyError, IndexError) as e:
         raise DitFileError(f"{path}: a 'head.modulation' but no WAN block layout ({e} missing)") from None
+    try:
+        model["family"] = family_from_dims(model["in_dim"], model["out_dim"], str(path)).name
+    except ModelFamilyError as e:
+        raise DitFileError(str(e)) from None
     if layers != list(range(len(layers))):
         raise DitFileError(f"{path}: blocks {layers[0]}..{layers[-1]} are not numbered 0..{len(layers) - 1}")
     return DitFileInfo(model, fingerprint_of(modulation))

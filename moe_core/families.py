@@ -106,6 +106,41 @@ def family_of_record(model: Mapping[str, Any] | None) -> ModelFamily | None:
     return None
 
 
+#: The integer fields of a set's `model` record (LoRA-MoE `AdapterSet.model`, stage-1 `wan_lora_moe_model`).
+MODEL_INT_FIELDS = ("dim", "num_layers", "ffn_dim", "in_dim", "out_dim")
+
+
+def model_record_problem(model: Any) -> str | None:
+    """What is wrong with a `model` record, or None. The record is ``{dim, num_layers, ffn_dim, in_dim,
+    out_dim: int, family: str}``, every field optional (older files hold fewer); `family` must be known and
+    agree with `in_dim`/`out_dim` when those are given, so a file cannot claim two families at once. Other
+    fields are left alone (a later pack version may record more)."""
+    if not isinstance(model, Mapping):
+        return f"must be an object, got {type(model).__name__}"
+    for key in MODEL_INT_FIELDS:
+        value = model.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            return f"field '{key}' must be a positive integer, got {value!r}"
+    name = model.get("family")
+    if name is not None and name not in FAMILIES:
+        return f"field 'family' is {name!r}, not one of {', '.join(FAMILIES)}"
+    try:
+        by_dims = family_of_record({k: model.get(k) for k in ("in_dim", "out_dim")})
+    except ModelFamilyError as e:
+        return str(e)
+    if name is not None and by_dims is not None and by_dims.name != name:
+        return (f"says family '{name}' but in_dim {model.get('in_dim')} / out_dim {model.get('out_dim')} are "
+                f"those of '{by_dims.name}'")
+    return None
+
+
+def pair_boundary(model: Mapping[str, Any] | None) -> float:
+    """The high-/low-noise switch (noise level t) of the A14B pair a `model` record belongs to: the recorded
+    family's (I2V 0.9), else the T2V pair's 0.875 (records without a family are text-to-video)."""
+    fam = family_of_record(model)
+    return fam.boundary if fam is not None and fam.boundary is not None else T2V_BOUNDARY
+
+
 def family_mismatch(source: str, recorded: ModelFamily | None, actual: ModelFamily) -> str | None:
     """The message refusing a file made for one family on a model of another; None when they fit."""
     if recorded is None or recorded.name == actual.name:
@@ -115,5 +150,5 @@ def family_mismatch(source: str, recorded: ModelFamily | None, actual: ModelFami
             "for; load the matching DiT or use a file trained for this one")
 
 
-__all__ = ["FAMILIES", "I2V_BOUNDARY", "ModelFamily", "ModelFamilyError", "T2V_BOUNDARY", "family_from_dims",
-           "family_mismatch", "family_of_model", "family_of_record"]
+__all__ = ["FAMILIES", "I2V_BOUNDARY", "MODEL_INT_FIELDS", "ModelFamily", "ModelFamilyError", "T2V_BOUNDARY",
+           "family_from_dims", "family_mismatch", "family_of_model", "family_of_record", "model_record_problem", "pair_boundary"]

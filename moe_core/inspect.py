@@ -9,6 +9,19 @@ from collections import Counter
 from typing import Any, Sequence
 
 from .checkpoint import LoraMoE, LoraMoEFormatError, load_lora_moe
+from .families import ModelFamilyError, family_of_record
+
+
+def describe_model(model: dict[str, Any]) -> str:
+    """The recorded DiT in words: family and shape, or what is not recorded (so what cannot be checked)."""
+    try:
+        fam = family_of_record(model)
+    except ModelFamilyError as e:
+        return f"unknown model family ({e})"
+    shape = ", ".join(f"{k} {model[k]}" for k in ("num_layers", "dim", "ffn_dim", "in_dim", "out_dim")
+                      if model.get(k) is not None)
+    family = fam.title if fam is not None else "family not recorded (taken as text-to-video)"
+    return f"{family}" + (f"; {shape}" if shape else "")
 
 
 def summarize(moe: LoraMoE) -> dict[str, Any]:
@@ -45,6 +58,7 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"({st['expert_modules']} with experts), {st['parameters']:,} parameters, "
                      f"router: {'MLP ' + str(st['router_hidden']) + ' hidden' if st['router_hidden'] else 'none'}"
                      + (f", noise range {st['sigma_range']}" if st["sigma_range"] else ""))
+        lines.append(f"    model: {describe_model(st['model'])}")
         for r in st["ranks"]:
             lines.append(f"    {r['projection']:<18} {r['slot']:<6} rank {r['rank']:<3} alpha {r['alpha']:<6g} x{r['count']}")
     return "\n".join(lines)

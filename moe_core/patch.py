@@ -20,6 +20,7 @@ from comfy.patcher_extension import WrappersMP
 from .band import TimestepBand
 from .checkpoint import AdapterSet, LoraMoE
 from .dit_info import FINGERPRINT_SIZE, closest_fingerprint, fingerprint_of
+from .families import ModelFamilyError, family_mismatch, family_of_model, family_of_record, pair_boundary
 from .fused import expand_gains, layout_of, lora_moe_delta, stack_adapters
 from .gating import GateConfig, GateController
 from .routing import LearnedRouter, Routing, expert_vector
@@ -85,6 +86,15 @@ class MoERuntime:
 
     @torch.compiler.disable
     def begin(self, x: torch.Tensor, timestep: torch.Tensor, transformer_options: dict) -> None:
+        """Set the gains of this forward from the noise level of the clip being generated, one per batch row.
+
+        Which noise level: the sampler's sigma (`transformer_options["sigmas"]`, WAN's t = sigma), the
+        noise level of the frames being generated; without it (a direct `apply_model` call), the largest
+        timestep of the row / 1000. The two agree for every WAN 2.2 family: under TI2V 5B
+        (`WAN22.process_timestep`) the DiT receives per-token timesteps [B, N] in which the start-image frame
+        has t = 0 and the generated frames the sampler's t, so the row maximum is again the generated
+        frames' level. Gates and band are per clip, never per token: the start frame's t = 0 must not switch
+        the experts off for the whole clip (docs/nodes.md, "Which noise level the gates use")."""
         sigmas = transformer_options.get("sigmas")
         if sigmas is not None and x.shape[0] % sigmas.numel() == 0:
             sigma_rows = sigmas.reshape(-1).repeat(x.shape[0] // sigmas.numel())
@@ -212,14 +222,24 @@ def select_adapter_set(moe: LoraMoE, model: comfy.model_patcher.ModelPatcher, ch
 
 
 def check_model(model: comfy.model_patcher.ModelPatcher, moe: LoraMoE, set_name: str) -> None:
-    """The model is the WAN DiT the set was built for: the recorded depth and width, and every adapted
-    module a Linear of the recorded size."""
+    """The model is the WAN DiT the set was built for: the recorded model family (T2V, I2V A14B, TI2V 5B: the
+    block names are the same in all three, so only this tells them apart), depth and width, and every adapted
+    module a Linear of the recorded size. Files recording no family or input width are not checked for it."""
     aset = moe.sets[set_name]
     label = SET_LABELS.get(set_name, set_name)
     dm = model.get_model_object("diffusion_model")
     blocks, width = getattr(dm, "blocks", None), getattr(dm, "dim", None)
     if blocks is None or width is None:
         raise LoraMoEModelError(f"{moe.source}: the model is a {type(dm).__name__}, not a WAN diffusion model")
+    try:
+        recorded = family_of_record(aset.model)
+        if recorded is not None:
+            problem = family_mismatch(f"{moe.source} ({label} set)" if len(moe.sets) > 1 else moe.source,
+                                      recorded, family_of_model(dm))
+            if problem:
+                raise LoraMoEModelError(problem)
+    except ModelFamilyError as e:
+        raise LoraMoEModelError(f"{moe.source}: {e}") from None
     have = {"num_layers": len(blocks), "dim": int(width)}
     want = {k: aset.model.get(k) for k in have}
     if any(v is not None and int(v) != have[k] for k, v in want.items()):
@@ -304,6 +324,21 @@ def reconfigure(model: comfy.model_patcher.ModelPatcher, **changes: Any) -> comf
     m = model.clone()
     install(m, info.moe, info.set_name, replace(info.config, **changes), info.weights)
     return m
+
+
+def boundary_of(model: comfy.model_patcher.ModelPatcher) -> float | None:
+    """The high-/low-noise boundary (noise level t) of the A14B DiT this patched model is, for pictures: the
+    model family's (T2V 0.875, I2V 0.9), else the one its set records; None for a single-DiT set (TI2V 5B)."""
+    info = moe_info(model)
+    if info.set_name not in ("high_noise", "low_noise"):
+        return None
+    try:
+        fam = family_of_model(model.get_model_object("diffusion_model"))
+    except (ModelFamilyError, AttributeError):
+        fam = None
+    if fam is not None and fam.boundary is not None:
+        return fam.boundary
+    return pair_boundary(info.moe.sets[info.set_name].model)
 
 
 def gate_trace(model: comfy.model_patcher.ModelPatcher) -> list[dict]:

@@ -6,6 +6,7 @@ from dataclasses import replace
 import comfy.utils
 from comfy_api.latest import io
 
+from ..moe_core.families import ModelFamilyError, family_of_model
 from ..moe_core.patch import SET_LABELS, adapter_set_problem, apply_lora_moe, moe_info, select_adapter_set
 from .common import (CATEGORY, LORA_MOE_CACHE, RoutingIO, as_routing_value, check_choices, file_signature,
                      header_summary, list_lora_moe_files, named_as, node_id, resolve_lora_moe_file)
@@ -118,6 +119,10 @@ class LoadLoRAMoE(io.ComfyNode):
         progress.update(1)
         info = moe_info(patched)
         gates = resolved.describe() if resolved is not None else "no routing: experts off (base LoRA only)"
-        line = (f"{lora_moe} [{SET_LABELS.get(info.set_name, info.set_name)}]: {len(info.weights.modules)} "
+        try:
+            on = f" on {family_of_model(model.get_model_object('diffusion_model')).title}"
+        except (ModelFamilyError, AttributeError):
+            on = ""
+        line = (f"{lora_moe} [{SET_LABELS.get(info.set_name, info.set_name)}]{on}: {len(info.weights.modules)} "
                 f"projections, experts {', '.join(moe.expert_names)}; {gates}")
         return io.NodeOutput(patched, ui={"text": [line]})

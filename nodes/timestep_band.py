@@ -6,9 +6,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..moe_core.band import ALWAYS_ON, DEFAULT_BAND, BandError, TimestepBand, three_level_band
-from ..moe_core.patch import SET_LABELS, moe_info, reconfigure
+from ..moe_core.patch import SET_LABELS, boundary_of, moe_info, reconfigure
 from ..moe_core.routing import LearnedRouter
-from ..moe_core.schedule import A14B_T2V_BOUNDARY, flow_sigmas, gates_vs_steps, gates_vs_t, render_schedule
+from ..moe_core.schedule import flow_sigmas, gates_vs_steps, gates_vs_t, render_schedule
 from .common import CATEGORY, node_id
 from .validation import sibling_values
 
@@ -102,7 +102,7 @@ class TimestepBandNode(io.ComfyNode):
         aset = info.moe.sets[info.set_name]
         router = LearnedRouter.from_state_dict(aset.router) if aset.router is not None else None
         names = info.moe.expert_names
-        boundary = A14B_T2V_BOUNDARY if info.set_name in ("high_noise", "low_noise") else None
+        boundary = boundary_of(out)  # the A14B pair's switch (T2V 0.875, I2V 0.9); None for one DiT
         routing = config.routing
         title = f"{SET_LABELS.get(info.set_name, info.set_name)}: " + (
             routing.describe() if routing is not None else "no routing (experts off)")

@@ -51,7 +51,9 @@ def write_lora_file(adapters: dict[str, Adapter], path: Path, fmt: str) -> Path:
 
 
 def random_moe(num_layers: int = 10, seed: int = 0, sets: Sequence[str] = ("default",),
-               expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES, **target_kw) -> LoraMoE:
+               expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES, model: dict | None = None, **target_kw) -> LoraMoE:
+    """Random base + expert LoRAs over the default targets; `model` is each set's DiT record
+    (e.g. ``{"family": "i2v", ...}``), empty by default (a file that records nothing)."""
     targets = default_targets(num_layers, **target_kw)
     built = {}
     for si, name in enumerate(sets):
@@ -59,7 +61,7 @@ def random_moe(num_layers: int = 10, seed: int = 0, sets: Sequence[str] = ("defa
         experts = [random_adapters(targets, seed * 100 + si * 10 + 1 + e) for e in range(len(expert_names))]
         modules = {m: ProjectionAdapters(*linear_shape(m, DIM, FFN), base[m], [ex[m] for ex in experts])
                    for m in targets}
-        built[name] = AdapterSet(name, modules)
+        built[name] = AdapterSet(name, modules, model=dict(model or {}))
     return LoraMoE(list(expert_names), built)
 
 

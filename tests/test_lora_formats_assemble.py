@@ -121,7 +121,7 @@ def test_dit_files_give_depth_width_and_the_loaded_models_fingerprint(dit_files,
     from moe_core.dit_info import DitFileError, read_dit_file
 
     high = read_dit_file(dit_files["high"])
-    assert high.model == {"dim": 128, "num_layers": 10, "ffn_dim": 256, "in_dim": 16}
+    assert high.model == {"dim": 128, "num_layers": 10, "ffn_dim": 256, "in_dim": 16, "out_dim": 16, "family": "t2v"}
     assert high.fingerprint == model_fingerprint(wan_fixtures.load_tiny_wan(tiny_wan_state_dict(0)))
     assert read_dit_file(dit_files["prefixed"]) == high
     assert read_dit_file(dit_files["deep"]).model["num_layers"] == 12
@@ -145,7 +145,8 @@ def test_auto_finds_each_dit_of_an_assembled_pair_at_any_precision(tmp_path, dit
     assert "note:" not in capsys.readouterr().err
     moe = load_lora_moe(out)
     for set_name in ("high_noise", "low_noise"):
-        assert moe.sets[set_name].model == {"dim": 128, "num_layers": 10, "ffn_dim": 256, "in_dim": 16}
+        assert moe.sets[set_name].model == {"dim": 128, "num_layers": 10, "ffn_dim": 256, "in_dim": 16, "out_dim": 16,
+                                            "family": "t2v"}
     for seed, expected in ((0, "high_noise"), (1, "low_noise")):
         for dtype in (None, torch.float8_e4m3fn):
             model = wan_fixtures.load_tiny_wan(tiny_wan_state_dict(seed), dtype=dtype)

@@ -156,7 +156,7 @@ function setupBand(node) {
       }, v("preset") === "file default" && last ? last.band : null);
       data = {
         levels, steps: Math.max(1, Math.round(v("preview_steps", 20))), shift: v("preview_shift", 8.0),
-        experts: last?.experts, rawVsT: last?.raw_vs_t, emaBeta: last?.ema_beta, boundary: last?.boundary ?? 0.875,
+        experts: last?.experts, rawVsT: last?.raw_vs_t, emaBeta: last?.ema_beta, boundary: last ? last.boundary : 0.875,
       };
     } catch (e) {
       data = { error: String(e.message ?? e) };
