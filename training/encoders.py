@@ -15,6 +15,12 @@ the VAE, ``PoolingVideoEncoder``).
 (``training.model_files``), and :func:`prepare` checks every text embedding, computed or cached, against the
 DiT's text width: a wrong file is an error naming ``data.vae`` / ``data.text_encoder`` and the file, not a
 shape error deep inside the first training step.
+
+Model family (``moe_core.families``): ``data.family`` (the trainer settles ``auto`` from its DiT's header;
+:func:`data_family` says what an unsettled one means) selects the VAE the latents must come from (WAN 2.1
+VAE for t2v/i2v, WAN 2.2 VAE for ti2v), the clip defaults (``data.target_fps`` / ``data.max_frames`` 0 =
+the family's: 16 fps / 81 frames, ti2v 24 / 121) and what the cache stores (i2v: the start-image latent of
+every window).
 """
 from __future__ import annotations
 
@@ -100,6 +106,23 @@ class LazyComfyEncoder:
                                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
         return self._encoder(value)
 
+    @property
+    def latent_channels(self) -> int | None:
+        """A VAE file's latent channels, from the loaded model or else its safetensors header (None: unknown),
+        so that a VAE of the wrong family is refused before any clip is decoded."""
+        if self._encoder is not None:
+            return getattr(self._encoder, "latent_channels", None)
+        if not hasattr(self, "_header_channels"):
+            self._header_channels = None
+            from .model_files import HeaderError, is_safetensors, read_header, wan_vae_channels
+
+            if self.identity.startswith("vae:") and is_safetensors(self.path):
+                try:
+                    self._header_channels = wan_vae_channels(read_header(self.path).shapes)
+                except (OSError, HeaderError):
+                    pass
+        return self._header_channels
+
     def release(self) -> None:
         self._encoder = None
         try:
@@ -111,11 +134,22 @@ class LazyComfyEncoder:
             pass
 
 
-def video_encoder(spec: str):
+def data_family(data_cfg, encode_video: Any = None) -> str:
+    """The model family of the data: ``data.family`` as the trainer settled it from its DiT. Still ``auto`` (or
+    absent: older configs) where no DiT was read, e.g. ``prepare`` called directly: the WAN 2.2 VAE's 48
+    channels mean ``ti2v``, anything else ``t2v`` (``i2v`` cannot be told from the VAE: set it)."""
+    family = getattr(data_cfg, "family", None)
+    if family in (None, "", "auto"):
+        return "ti2v" if getattr(encode_video, "latent_channels", None) == 48 else "t2v"
+    return family
+
+
+def video_encoder(spec: str, family: str = "t2v"):
+    """The VAE of ``data.vae``; ``demo:pooling`` is the stand-in with the shapes of ``family``'s VAE."""
     if spec == DEMO_VAE:
         from .data.synthetic import PoolingVideoEncoder
 
-        return PoolingVideoEncoder()
+        return PoolingVideoEncoder.for_family(family)
     from .data.cache import ComfyVAEEncoder
 
     path = resolve_in_folder(spec, "vae", "VAE")
@@ -138,8 +172,11 @@ def precheck_encoders(data_cfg, dit_path: str | os.PathLike | None = None, video
                       text: bool = True) -> int | None:
     """Check the configured VAE and text-encoder files against the DiT from their headers alone.
 
+    The VAE must be the one of the model family: the DiT's (from its header: 16 / 36 / 48 input channels),
+    else ``data.family``.
+
     Args:
-        dit_path: a DiT of the run (its header gives the latent channels and the text width), or None.
+        dit_path: a DiT of the run (its header gives the family and the text width), or None.
         video / text: check ``data.vae`` / ``data.text_encoder`` (False where the caller injects an encoder).
 
     Returns:
@@ -148,6 +185,8 @@ def precheck_encoders(data_cfg, dit_path: str | os.PathLike | None = None, video
     Raises:
         EncoderFileError: naming the config key and the file, and saying what the file looks like.
     """
+    from moe_core.families import ModelFamilyError, family_from_dims
+    from .data.cache import vae_family_problem
     from .model_files import HeaderError, is_safetensors, read_header, umt5_problem, wan_dit_layout, wan_vae_problem
 
     dit = None
@@ -156,8 +195,21 @@ def precheck_encoders(data_cfg, dit_path: str | os.PathLike | None = None, video
             dit = wan_dit_layout(read_header(dit_path).shapes)
         except (OSError, HeaderError):
             dit = None  # precheck_dit reports the DiT's own problems
-    checks = [("data.vae", data_cfg.vae, DEMO_VAE, "vae", "VAE", video,
-               lambda h: wan_vae_problem(h, dit.in_channels if dit else None)),
+    family = getattr(data_cfg, "family", None) or "auto"
+    if dit is not None:
+        try:
+            family = family_from_dims(dit.in_channels).name
+        except ModelFamilyError:
+            pass  # precheck_dit reports it
+
+    def vae_problem(header):
+        from .model_files import wan_vae_channels
+
+        if family == "auto":  # no DiT header to tell: the trainer checks the latents against the loaded DiT
+            return wan_vae_problem(header, None)
+        return wan_vae_problem(header, None) or vae_family_problem(wan_vae_channels(header.shapes), None, family)
+
+    checks = [("data.vae", data_cfg.vae, DEMO_VAE, "vae", "VAE", video, vae_problem),
               ("data.text_encoder", data_cfg.text_encoder, DEMO_TEXT, "text_encoders", "text encoder", text,
                lambda h: umt5_problem(h, dit.text_dim if dit else None))]
     for key, spec, demo, folder, what, wanted, problem_of in checks:
@@ -212,13 +264,16 @@ def check_cached_text(prepared, text_dim: int, source: str) -> None:
                                    f"takes {text_dim}-wide text (UMT5-XXL for WAN)")
 
 
-def extraction_config(data_cfg):
+def extraction_config(data_cfg, family: str | None = None):
+    """The cache's ``ExtractionConfig`` from the ``[data]`` section: ``family`` (default: :func:`data_family`)
+    as the config or the trainer set it; ``max_frames`` / ``target_fps`` 0 (or None) take the family's defaults."""
     from .data.video_io import ExtractionConfig
 
-    return ExtractionConfig(mode=data_cfg.extraction_mode, max_frames=data_cfg.max_frames,
+    return ExtractionConfig(mode=data_cfg.extraction_mode, max_frames=data_cfg.max_frames or None,
                             min_frames=data_cfg.min_frames, num_windows=data_cfg.num_windows,
-                            stride=data_cfg.stride or None, target_fps=data_cfg.target_fps,
-                            target_area=data_cfg.target_area, bucket_step=data_cfg.bucket_step)
+                            stride=data_cfg.stride or None, target_fps=data_cfg.target_fps or None,
+                            target_area=data_cfg.target_area, bucket_step=data_cfg.bucket_step,
+                            family=family or data_family(data_cfg))
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -247,7 +302,8 @@ def prepare(data_cfg, log_fn: Callable[[str], None] | None = None, encode_video=
         raise ManifestError("file not found (data.manifest; python -m training.build_manifest --input-dir CLIPS "
                             "--output MANIFEST writes one)", Path(data_cfg.manifest).absolute())
     injected = encode_text is not None
-    encode_video = encode_video if encode_video is not None else video_encoder(data_cfg.vae)
+    encode_video = encode_video if encode_video is not None else video_encoder(data_cfg.vae, data_family(data_cfg))
+    family = data_family(data_cfg, encode_video)
     encode_text = encode_text if injected else text_encoder(data_cfg.text_encoder)
     source = str(getattr(encode_text, "path", None)
                  or (getattr(encode_text, "identity", None) if injected else data_cfg.text_encoder))
@@ -255,7 +311,7 @@ def prepare(data_cfg, log_fn: Callable[[str], None] | None = None, encode_video=
         encode_text = TextWidthCheck(encode_text, text_dim, source)
     try:
         prepared = prepare_dataset(data_cfg.manifest, data_cfg.cache_dir, encode_video, encode_text,
-                                   extraction_config(data_cfg), no_instrument=data_cfg.no_instrument,
+                                   extraction_config(data_cfg, family), no_instrument=data_cfg.no_instrument,
                                    latent_dtype=_DTYPES[data_cfg.latent_dtype],
                                    text_dtype=_DTYPES[data_cfg.text_dtype], log=log_fn)
     finally:
@@ -280,5 +336,5 @@ def dataset_id(prepared) -> str:
 
 
 __all__ = ["DEMO_TEXT", "DEMO_VAE", "EncoderFileError", "LazyComfyEncoder", "NoUsableClipsError", "TextWidthCheck",
-           "check_cached_text", "dataset_id", "extraction_config", "file_identity", "precheck_encoders", "prepare",
-           "resolve_in_folder", "text_encoder", "video_encoder"]
+           "check_cached_text", "data_family", "dataset_id", "extraction_config", "file_identity", "precheck_encoders",
+           "prepare", "resolve_in_folder", "text_encoder", "video_encoder"]

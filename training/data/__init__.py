@@ -6,6 +6,7 @@ Typical use by the training loop::
     data = prepare_dataset("data/manifest.jsonl", "cache/", ComfyVAEEncoder.from_file(vae_path),
                            ComfyTextEncoder.from_file(t5_path), ExtractionConfig(mode="uniform"))
     for item in data.dataset: ...   # latent, context, teacher, primary, roi_latent, has_roi
+                                    # (+ image_cond_latent with ExtractionConfig(family="i2v"))
     print(data.format())
 
 See docs/data.md for the manifest format, extraction settings and cache rules. Names are imported lazily
@@ -20,7 +21,8 @@ _EXPORTS = {
     "cache": ("CACHE_FORMAT_VERSION", "CachedClipDataset", "CacheSummary", "ComfyTextEncoder", "ComfyVAEEncoder",
               "EncoderOutputError", "LatentEntry", "PreparedData", "build_cache", "ensure_text",
               "load_cache_tensors", "load_text_context", "prepare_dataset", "read_cache_metadata",
-              "roi_to_latent_grid", "settings_hash", "state_dict_fingerprint"),
+              "roi_to_latent_grid", "settings_hash", "start_image_frames", "state_dict_fingerprint",
+              "VAEFamilyError", "check_vae_family", "vae_family_problem"),
     "labels": ("ClipLabel", "LabelReport", "NoInstrumentError", "assign_labels", "detect_label",
                "label_distribution", "label_for"),
     "manifest": ("ClipRecord", "ManifestError", "load_manifest", "parse_record", "record_to_dict",

@@ -8,9 +8,12 @@ Layout under ``cache_dir``::
     latents/<clip-stem>-<path-hash>/<settings-hash>_w<window>.safetensors   one per clip window
     text/<hash of encoder identity + caption>.safetensors                   one per caption
 
-A latent file holds ``latent`` ``[C, F', H/8, W/8]`` (raw VAE output: *not* normalised by the model's
-latent format), ``source_indices`` ``[F]``, and when the clip has ROI ``roi_boxes`` ``[F, 4]`` (bucket
-pixels, NaN rows = no box) and ``roi_latent`` ``[F', H/8, W/8]`` (ROI coverage on the latent grid). A text
+A latent file holds ``latent`` ``[C, F', H/s, W/s]`` (raw VAE output: *not* normalised by the model's
+latent format; C = 16 and s = 8 for the WAN 2.1 VAE, C = 48 and s = 16 for the WAN 2.2 VAE of the ``ti2v``
+family), ``source_indices`` ``[F]``, and when the clip has ROI ``roi_boxes`` ``[F, 4]`` (bucket pixels,
+NaN rows = no box) and ``roi_latent`` ``[F', H/s, W/s]`` (ROI coverage on the latent grid). For the ``i2v``
+family it also holds ``image_cond_latent`` ``[16, F', H/8, W/8]``: the window's first frame followed by
+0.5-gray frames, encoded, exactly as core ``WanImageToVideo`` builds ``concat_latent_image``. A text
 file holds ``context`` ``[L, 4096]``. The safetensors header metadata records the format version, source
 path, size and ``mtime_ns`` (and the ROI mask's, and the sample aspect ratio of a clip with non-square
 pixels), the settings hash and settings (extraction, encoder identity, dtype, ROI annotation), and the
@@ -47,8 +50,16 @@ class EncoderOutputError(RuntimeError):
     """An encoder returned something that is not the documented tensor (an encoder bug, not a data problem)."""
 
 
+class VAEFamilyError(ValueError):
+    """A VAE whose latents (channels, spatial compression) are not those of the model family being trained."""
+
+
 class VideoEncoder(Protocol):
-    """``frames`` float ``[F, H, W, 3]`` in [0, 1] -> latent ``[C, F', H/8, W/8]``; ``identity`` names it."""
+    """``frames`` float ``[F, H, W, 3]`` in [0, 1] -> latent ``[C, F', H/s, W/s]``; ``identity`` names it.
+
+    Optional attributes ``latent_channels`` / ``spatial_compression`` (ComfyUI encoders have them) let the
+    cache refuse a VAE of the wrong family before decoding anything; ``path`` names its file in messages.
+    """
 
     identity: str
 
@@ -155,6 +166,40 @@ def roi_to_latent_grid(mask: np.ndarray, latent_shape: Sequence[int]) -> np.ndar
     return np.stack([g.max(axis=0) for g in groups])
 
 
+def _vae_kind(channels: int) -> str:
+    return {16: "a WAN 2.1 VAE", 48: "a WAN 2.2 VAE"}.get(int(channels), "not a WAN VAE")
+
+
+def vae_family_problem(channels: int | None, compression: int | None, family: str) -> str | None:
+    """Why a VAE making ``channels``-channel latents at ``compression``x is not the VAE of ``family``
+    (None: it is, or nothing is known). The WAN 2.1 VAE (16 ch, 8x) serves t2v and i2v, the WAN 2.2 VAE
+    (48 ch, 16x) the TI2V 5B model; the other pairing fails only later, as a shape error in the DiT."""
+    from moe_core.families import FAMILIES
+
+    fam = FAMILIES[family]
+    if channels is not None and int(channels) != fam.latent_channels:
+        return (f"this VAE makes {int(channels)}-channel latents ({_vae_kind(channels)}), but {fam.title} "
+                f"(family {fam.name!r}) takes {fam.latent_channels}-channel latents from {fam.vae}")
+    if compression is not None and int(compression) != fam.spatial_compression:
+        return (f"this VAE compresses {int(compression)}x in space, but {fam.title} (family {fam.name!r}) takes "
+                f"latents of a {fam.spatial_compression}x VAE ({fam.vae})")
+    return None
+
+
+def check_vae_family(encoder: Any, family: str, video_id: str, channels: int | None = None,
+                     compression: int | None = None) -> None:
+    """Raise :class:`VAEFamilyError` naming the VAE (its file, else its identity) when it does not fit
+    ``family``; ``channels`` / ``compression`` default to what the encoder declares."""
+    if channels is None:
+        channels = getattr(encoder, "latent_channels", None)
+    if compression is None:
+        compression = getattr(encoder, "spatial_compression", None)
+    problem = vae_family_problem(channels, compression, family)
+    if problem:
+        name = getattr(encoder, "path", None) or video_id
+        raise VAEFamilyError(f"VAE {str(name)!r}: {problem}")
+
+
 # -------------------------------------------------------------------------------- results and summary
 
 @dataclass
@@ -170,7 +215,8 @@ class LatentEntry:
     bucket: tuple[int, int]
 
     def load(self) -> dict[str, torch.Tensor]:
-        """All tensors of the window file (``latent``, ``source_indices``, ``roi_boxes``, ``roi_latent``)."""
+        """All tensors of the window file (``latent``, ``source_indices``, ``roi_boxes``, ``roi_latent``,
+        ``image_cond_latent`` for ``i2v``)."""
         return load_cache_tensors(self.path)
 
 
@@ -268,14 +314,37 @@ def _valid(meta: dict[str, str] | None, source: dict[str, str]) -> bool:
     return meta is not None and all(meta.get(k) == v for k, v in source.items())
 
 
-def _encode_window(window: ClipWindow, encode_video: Callable[[torch.Tensor], torch.Tensor], video_id: str,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    latent = encode_video(frames_to_tensor(window.frames, "unit"))
+def start_image_frames(frames: torch.Tensor) -> torch.Tensor:
+    """What core ``WanImageToVideo`` encodes for a start image: ``[F, H, W, 3]`` of 0.5 gray with the first
+    frame replaced by ``frames[0]`` (its ``torch.ones((length, height, width, 3)) * 0.5`` then
+    ``image[:1] = start_image``)."""
+    image = torch.ones(frames.shape, dtype=frames.dtype, device=frames.device) * 0.5
+    image[:1] = frames[:1]
+    return image
+
+
+def _encode(encode_video, frames: torch.Tensor, video_id: str, family: str) -> torch.Tensor:
+    latent = encode_video(frames)
     if not isinstance(latent, torch.Tensor) or latent.ndim != 4:
         raise EncoderOutputError(f"video encoder {video_id!r} must return a [C, F', H', W'] latent, got "
                          f"{getattr(latent, 'shape', type(latent))}")
+    compression = frames.shape[1] // latent.shape[-2] if latent.shape[-2] else None
+    check_vae_family(encode_video, family, video_id, channels=latent.shape[0], compression=compression)
+    return latent
+
+
+def _encode_window(window: ClipWindow, encode_video: Callable[[torch.Tensor], torch.Tensor], video_id: str,
+                   dtype: torch.dtype, family: str = "t2v") -> dict[str, torch.Tensor]:
+    from moe_core.families import FAMILIES
+
+    frames = frames_to_tensor(window.frames, "unit")
+    latent = _encode(encode_video, frames, video_id, family)
     tensors = {"latent": latent.detach().to("cpu", dtype),
                "source_indices": torch.from_numpy(np.asarray(window.source_indices, dtype=np.int64))}
+    if FAMILIES[family].conditioning == "concat_image":
+        # i2v: the DiT reads the start image's latent next to the noisy one (ComfyUI's concat_latent_image)
+        image_cond = _encode(encode_video, start_image_frames(frames), video_id, family)
+        tensors["image_cond_latent"] = image_cond.detach().to("cpu", dtype)
     if window.roi_boxes is not None:
         tensors["roi_boxes"] = torch.from_numpy(window.roi_boxes.astype(np.float32))
     pixel_mask = window.roi_pixel_mask()
@@ -331,7 +400,7 @@ def _cache_clip(record: ClipRecord, cache_dir: Path, encode_video, video_id: str
         if _valid(old, {k: meta[k] for k in (*source, "num_windows", "start", "num_frames", "width", "height")}):
             summary.reused += 1
         else:
-            save_cache_file(path, _encode_window(window, encode_video, video_id, dtype), meta)
+            save_cache_file(path, _encode_window(window, encode_video, video_id, dtype, config.family), meta)
             summary.computed += 1
         entries.append(entry(meta, path))
     for stale in existing:
@@ -352,7 +421,11 @@ def build_cache(records: Iterable[ClipRecord], cache_dir: str | os.PathLike,
 
     Args:
         records: clips to cache (e.g. the labelled ones of ``assign_labels``).
-        encode_video: ``frames [F, H, W, 3] in [0, 1] -> latent [C, F', H/8, W/8]``, e.g. ComfyVAEEncoder.
+        encode_video: ``frames [F, H, W, 3] in [0, 1] -> latent [C, F', H/s, W/s]``, e.g. ComfyVAEEncoder;
+            its latents must be those of ``config.family`` (else :class:`VAEFamilyError`, before any decoding
+            when the encoder declares ``latent_channels``).
+        config: extraction settings, including the model ``family`` (``i2v`` also caches the start-image
+            latent of each window).
         encode_text: ``caption -> [L, 4096]``, e.g. ComfyTextEncoder; None to cache latents only.
         video_encoder_id / text_encoder_id: identity strings when the encoders carry no ``identity``.
         latent_dtype / text_dtype: storage dtypes (bf16 halves the disk use; part of the cache key).
@@ -364,6 +437,7 @@ def build_cache(records: Iterable[ClipRecord], cache_dir: str | os.PathLike,
     """
     cache_dir = Path(cache_dir)
     video_id = encoder_identity(encode_video, video_encoder_id)
+    check_vae_family(encode_video, config.family, video_id)
     text_id = encoder_identity(encode_text, text_encoder_id) if encode_text is not None else None
     log = log or (lambda line: None)
     summary = CacheSummary()
@@ -400,6 +474,7 @@ class CachedClipDataset(torch.utils.data.Dataset):
 
     Items of different buckets have different shapes, so batch with ``batch_size=1`` (the seeds' setting)
     or group by ``entry.bucket``. ``roi_latent`` is all zeros with ``has_roi`` False for clips without ROI.
+    Windows cached for the ``i2v`` family also give ``image_cond_latent`` (raw, like ``latent``).
     """
 
     def __init__(self, entries: Sequence[LatentEntry],
@@ -421,6 +496,8 @@ class CachedClipDataset(torch.utils.data.Dataset):
         latent = tensors["latent"]
         item: dict[str, Any] = {"latent": latent, "name": entry.record.name, "window_index": entry.window_index,
                                 "caption": entry.record.caption}
+        if "image_cond_latent" in tensors:
+            item["image_cond_latent"] = tensors["image_cond_latent"]
         roi = tensors.get("roi_latent")
         item["has_roi"] = roi is not None
         item["roi_latent"] = roi if roi is not None else torch.zeros(latent.shape[1:])
@@ -444,17 +521,27 @@ def _frames_check(frames: torch.Tensor, multiple: int) -> None:
 
 
 class ComfyVAEEncoder:
-    """Encode frames with a ``comfy.sd.VAE`` (the WAN 2.1 VAE that WAN 2.2 A14B uses).
+    """Encode frames with a ``comfy.sd.VAE``: the WAN 2.1 VAE (A14B t2v/i2v) or the WAN 2.2 VAE (TI2V 5B).
 
     ``VAE.encode`` takes pixels ``[F, H, W, C]`` in [0, 1] (it applies ``x * 2 - 1`` itself), moves them
-    to ``[1, C, F, H, W]`` and returns ``[1, 16, 1 + (F - 1) // 4, H/8, W/8]`` float32 on the intermediate
-    device; the latents are raw (the DiT's ``latent_format.process_in`` normalises them when sampling).
-    Do not pass 5-D ``[B, F, H, W, C]``: its crop step treats F as a spatial axis and drops frames.
+    to ``[1, C, F, H, W]`` and returns ``[1, 16, 1 + (F - 1) // 4, H/8, W/8]`` (WAN 2.2 VAE:
+    ``[1, 48, ..., H/16, W/16]``) float32 on the intermediate device; the latents are raw (the DiT's
+    ``latent_format.process_in`` normalises them when sampling). Do not pass 5-D ``[B, F, H, W, C]``: its
+    crop step treats F as a spatial axis and drops frames.
     """
 
-    def __init__(self, vae: Any, identity: str | None = None):
+    def __init__(self, vae: Any, identity: str | None = None, path: str | os.PathLike | None = None):
         self.vae = vae
+        self.path = None if path is None else Path(path)
         self.identity = identity or (f"comfy-vae:{state_dict_fingerprint(vae.get_sd())}:{vae.vae_dtype}")
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.latent_channels)
+
+    @property
+    def spatial_compression(self) -> int:
+        return int(self.vae.spacial_compression_encode())
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, identity: str | None = None) -> "ComfyVAEEncoder":
@@ -468,7 +555,7 @@ class ComfyVAEEncoder:
         sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
         vae = comfy.sd.VAE(sd=sd, metadata=metadata)
         vae.throw_exception_if_invalid()
-        return cls(vae, identity)
+        return cls(vae, identity, path)
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         _frames_check(frames, self.vae.spacial_compression_encode())

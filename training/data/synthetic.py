@@ -284,18 +284,33 @@ class HashTextEncoder:
 
 
 class PoolingVideoEncoder:
-    """Cheap deterministic stand-in for the WAN VAE with its shapes: ``[F, H, W, 3] -> [16, F', H/8, W/8]``.
+    """Cheap deterministic stand-in for the WAN VAE with its shapes: ``[F, H, W, 3] -> [C, F', H/s, W/s]``.
 
-    Frames are grouped like the WAN VAE groups time (frame 0, then groups of 4), average-pooled 8x8, and
-    mapped 3 -> ``channels`` by a fixed random matrix. ``calls`` counts encodings.
+    Frames are grouped like the WAN VAE groups time (frame 0, then groups of 4), average-pooled s x s, and
+    mapped 3 -> ``channels`` by a fixed random matrix. The defaults (16 channels, 8x) stand in for the WAN 2.1
+    VAE; :meth:`for_family` gives the one of a ``moe_core.families`` model (``ti2v``: 48 channels, 16x, the
+    WAN 2.2 VAE). ``calls`` counts encodings.
     """
 
-    def __init__(self, channels: int = 16, identity: str = "pooling-vae-v1", seed: int = 0):
+    def __init__(self, channels: int = 16, identity: str | None = None, seed: int = 0, compression: int = 8):
         import torch
 
+        if identity is None:
+            identity = "pooling-vae-v1" if (channels, compression) == (16, 8) else \
+                f"pooling-vae-v1-c{channels}-s{compression}"
         self.identity = identity
         self.calls = 0
+        self.latent_channels = int(channels)
+        self.spatial_compression = int(compression)
         self.projection = torch.randn(channels, 3, generator=torch.Generator().manual_seed(seed))
+
+    @classmethod
+    def for_family(cls, family: str = "t2v", seed: int = 0) -> "PoolingVideoEncoder":
+        """The stand-in with the latent channels and spatial compression of ``family``'s VAE."""
+        from moe_core.families import FAMILIES
+
+        fam = FAMILIES[family]
+        return cls(channels=fam.latent_channels, seed=seed, compression=fam.spatial_compression)
 
     def __call__(self, frames):
         import torch
@@ -304,7 +319,7 @@ class PoolingVideoEncoder:
         self.calls += 1
         x = frames.permute(3, 0, 1, 2).float() * 2 - 1  # [3, F, H, W]
         groups = [x[:, :1]] + [x[:, i:i + 4] for i in range(1, x.shape[1], 4)]
-        pooled = torch.stack([F.avg_pool2d(g.mean(1), 8) for g in groups], 1)  # [3, F', H/8, W/8]
+        pooled = torch.stack([F.avg_pool2d(g.mean(1), self.spatial_compression) for g in groups], 1)
         return torch.einsum("oc,cfhw->ofhw", self.projection, pooled)
 
 

@@ -2,7 +2,9 @@
 
 Why these numbers: WAN generates at 16 fps, its VAE compresses time as 1 + 4k (so 4n+1 frames make whole
 latent frames: 81 frames -> 21), and the DiT patchifies 2x2 latent pixels of an 8x VAE (16-pixel multiples
-avoid the silent centre crop ``comfy.sd.VAE.encode`` applies to other sizes). A clip is never upscaled:
+avoid the silent centre crop ``comfy.sd.VAE.encode`` applies to other sizes). The WAN 2.2 TI2V 5B model
+(family ``ti2v``) generates at 24 fps, 121 frames, through a 16x VAE, hence 32-pixel buckets
+(``ExtractionConfig.family``). A clip is never upscaled:
 upscaled pixels would teach the model blur.
 
 Frames are read with OpenCV (``cv2.VideoCapture``), resampled by nearest timestamp (constant frame rate
@@ -285,6 +287,15 @@ def bucket_size(width: int, height: int, target_area: int = 480 * 832, step: int
     return best[2], best[3]
 
 
+def _family(name: str):
+    """The ``moe_core.families`` entry for ``name``, or ValueError listing the known ones."""
+    from moe_core.families import FAMILIES
+
+    if name not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)} (moe_core.families), not {name!r}")
+    return FAMILIES[name]
+
+
 @dataclass(frozen=True)
 class ExtractionConfig:
     """How windows are cut from a clip. Every field changes the pixels, so all of them enter cache keys.
@@ -294,25 +305,44 @@ class ExtractionConfig:
             from the start to the end of the clip; neighbours share at most half their frames, so a clip
             shorter than the windows need gives fewer), ``sliding`` (windows every ``stride`` frames).
         max_frames: window length cap; the length used is the largest 4n+1 that fits the clip and the cap.
+            None (or 0): the family's clip length (81; ``ti2v`` 121).
         min_frames: clips with fewer resampled frames are skipped (reported), not padded.
         num_windows: windows per clip in ``uniform`` mode.
         stride: step between window starts in ``sliding`` mode, in target-fps frames (default: the window
             length, i.e. back-to-back windows).
-        target_fps: frame rate of the resampled timeline.
+        target_fps: frame rate of the resampled timeline. None (or 0): the family's (16; ``ti2v`` 24).
         target_area: bucket area in pixels (480*832 is WAN's 480p).
-        bucket_step: bucket granularity in pixels.
+        bucket_step: bucket granularity in pixels; raised to a multiple of what the family's VAE and the
+            DiT's 2x2 patches need (16 px for the 8x WAN 2.1 VAE, 32 px for the 16x WAN 2.2 VAE of ``ti2v``),
+            so a latent grid always has whole patches.
+        family: the ``moe_core.families`` model the latents are for (``t2v``, ``i2v``, ``ti2v``): it sets the
+            defaults above and what each window stores (``i2v``: also the start-image latent).
+
+    ``max_frames`` / ``target_fps`` / ``bucket_step`` hold the resolved values after construction; to change
+    the family of an existing config use :meth:`with_family` (it re-derives the values that were defaults).
     """
 
     mode: ExtractionMode = "head"
-    max_frames: int = 81
+    max_frames: int | None = None
     min_frames: int = 5
     num_windows: int = 3
     stride: int | None = None
-    target_fps: float = 16.0
+    target_fps: float | None = None
     target_area: int = 480 * 832
     bucket_step: int = 16
+    family: str = "t2v"
+    #: names of the fields that were left to the family (None/0 at construction)
+    defaulted: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        fam = _family(self.family)
+        given = {"max_frames": self.max_frames, "target_fps": self.target_fps}
+        defaulted = tuple(k for k, v in given.items() if not v)
+        object.__setattr__(self, "defaulted", defaulted)
+        if "max_frames" in defaulted:
+            object.__setattr__(self, "max_frames", fam.frames)
+        if "target_fps" in defaulted:
+            object.__setattr__(self, "target_fps", float(fam.fps))
         if self.mode not in ("head", "uniform", "sliding"):
             raise ValueError(f"extraction mode must be head, uniform or sliding, not {self.mode!r}")
         if self.max_frames < 1 or (self.max_frames - 1) % 4:
@@ -323,17 +353,38 @@ class ExtractionConfig:
             raise ValueError(f"num_windows must be >= 1, not {self.num_windows}")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, not {self.stride}")
-        if self.target_fps <= 0 or self.target_area < self.bucket_step ** 2 or self.bucket_step < 1:
-            raise ValueError("target_fps, target_area and bucket_step must be positive "
-                             "(target_area at least one bucket step squared)")
+        if self.bucket_step < 1:
+            raise ValueError(f"bucket_step must be >= 1, not {self.bucket_step}")
+        object.__setattr__(self, "bucket_step", math.lcm(int(self.bucket_step), self.latent_cell))
+        if self.target_fps <= 0 or self.target_area < self.bucket_step ** 2:
+            raise ValueError(f"target_fps must be positive and target_area at least one bucket step squared "
+                             f"({self.bucket_step}x{self.bucket_step} for family {self.family!r})")
+
+    @property
+    def latent_cell(self) -> int:
+        """Pixels per DiT token side: the family's VAE compression times the 2x2 patch (16; ``ti2v`` 32)."""
+        return 2 * _family(self.family).spatial_compression
+
+    def with_family(self, family: str) -> "ExtractionConfig":
+        """This config for another model family: values that were defaults follow the new family."""
+        values = {f: getattr(self, f) for f in ("mode", "max_frames", "min_frames", "num_windows", "stride",
+                                                "target_fps", "target_area", "bucket_step")}
+        values.update({name: None for name in self.defaulted})
+        return ExtractionConfig(**values, family=family)
 
     def settings(self) -> dict:
-        """Plain dict of every field (what cache keys hash)."""
+        """Plain dict of every field (what cache keys hash).
+
+        ``family`` is left out for ``t2v`` so that caches written before families existed stay valid; every
+        other family hashes differently (an ``i2v`` window also stores the start-image latent).
+        """
         settings = {"mode": self.mode, "max_frames": self.max_frames, "min_frames": self.min_frames,
                     "num_windows": self.num_windows, "stride": self.stride, "target_fps": self.target_fps,
                     "target_area": self.target_area, "bucket_step": self.bucket_step}
         if self.mode == "uniform":
             settings["uniform_windows"] = "half-overlap"  # the placement rule: caches of the old rule are stale
+        if self.family != "t2v":
+            settings["family"] = self.family
         return settings
 
 
