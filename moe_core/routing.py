@@ -19,6 +19,10 @@ from .vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_FALLBACK, detect_instrumen
 
 RouterMode = Literal["rule", "learned", "manual", "cycle"]
 UncondPolicy = Literal["same", "off"]
+#: Where the teacher weights come from: the prompt's keywords, the start image's classifier
+#: (``moe_core.image_routing``), or the mean of both.
+RouteSource = Literal["prompt", "image", "prompt+image"]
+_SOURCE_TEXT = {"prompt": "", "image": " from the start image", "prompt+image": " from the prompt and the start image"}
 
 #: Floor of the rule probabilities before taking logs, so absent instruments get a finite logit.
 RULE_LOGIT_FLOOR = 1e-3
@@ -35,6 +39,10 @@ class Routing:
     `weights` maps expert names to the rule teacher's probabilities (rule, learned) or to the fixed gates
     (manual). Names, not indices, so a routing built without the file is checked against the file's
     experts when the model is patched.
+
+    A routing from the start image (`source` "image" or "prompt+image", ``moe_core.image_routing``) keeps
+    the classifier's class probabilities in `image_classes` (class name -> probability, the classifier's
+    temperature applied), so Load LoRA-MoE can map them onto the file's own experts again.
     """
 
     mode: RouterMode
@@ -45,6 +53,9 @@ class Routing:
     prompt: str = ""
     uncond: UncondPolicy = "same"
     note: str = field(default="", compare=False)
+    source: RouteSource = "prompt"
+    image_classes: tuple[tuple[str, float], ...] = ()
+    classifier: str = ""  # the classifier file's name, for descriptions
 
     def with_uncond(self, uncond: UncondPolicy) -> "Routing":
         return replace(self, uncond=uncond)
@@ -58,7 +69,8 @@ class Routing:
         extra = " (the file's learned router refines these per noise level)" if self.mode == "learned" else ""
         if self.mode == "cycle":
             shown, extra = "one expert per sampler step, in turn", ""
-        return f"[{self.mode}] instruments: {found}{note} -> gates: {shown or 'all off'}{extra}"
+        return (f"[{self.mode}]{_SOURCE_TEXT.get(self.source, '')} instruments: {found}{note} -> gates: "
+                f"{shown or 'all off'}{extra}")
 
 
 def rule_route(prompt: str, expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES, *,
@@ -108,7 +120,7 @@ def manual_route(weights: dict[str, float], *, base: Routing | None = None) -> R
     if base is None:
         return Routing(mode="manual", weights=norm, top_k=len(norm), detected=detected)
     return replace(base, mode="manual", weights=norm, top_k=len(norm), detected=detected,
-                   note="gates overridden by hand")
+                   note="gates overridden by hand", source="prompt", image_classes=())
 
 
 def cycle_route(*, base: Routing | None = None) -> Routing:
@@ -116,7 +128,7 @@ def cycle_route(*, base: Routing | None = None) -> Routing:
     note = "cycling experts per sampler step (LoRA Switch)"
     if base is None:
         return Routing(mode="cycle", weights={}, top_k=1, note=note)
-    return replace(base, mode="cycle", weights={}, top_k=1, note=note)
+    return replace(base, mode="cycle", weights={}, top_k=1, note=note, source="prompt", image_classes=())
 
 
 def _check_topk_temperature(top_k: int, temperature: float, n: int) -> None:

@@ -16,6 +16,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..moe_core.checkpoint import LoraMoE, LoraMoEFormatError, load_lora_moe, read_lora_moe_metadata
+from ..moe_core.image_routing import image_route
 from ..moe_core.routing import Routing, RoutingError, rule_route
 from ..moe_core.vocabulary import DEFAULT_EXPERT_NAMES, DEFAULT_FALLBACK, DEFAULT_INSTRUMENTS
 
@@ -58,6 +59,16 @@ class RoutingValue:
         r = self.routing
         if r.mode in ("manual", "cycle"):  # fixed by hand / the file's experts in turn: no prompt routing
             return r
+        if r.source == "prompt":
+            return self._prompt_routing(moe)
+        # from the start image: the classifier's class probabilities mapped onto the file's own experts
+        with_prompt = self._prompt_routing(moe) if r.source == "prompt+image" else None
+        return image_route(dict(r.image_classes), moe.expert_names, route_from=r.source, prompt_routing=with_prompt,
+                           keywords=moe.expert_keywords, top_k=min(r.top_k, moe.num_experts),
+                           temperature=r.temperature, mode=r.mode, prompt=r.prompt, classifier=r.classifier)
+
+    def _prompt_routing(self, moe: LoraMoE) -> Routing:
+        r = self.routing
         unknown_fallback = self.fallback not in ("off", "error", *moe.expert_names)
         try:
             return rule_route(r.prompt, moe.expert_names, keywords=moe.expert_keywords,
@@ -74,7 +85,7 @@ class RoutingValue:
     def to_ui(self) -> dict:
         r = self.routing
         return {"mode": r.mode, "detected": list(r.detected), "gates": dict(r.weights), "top_k": r.top_k,
-                "temperature": r.temperature, "note": r.note, "line": r.describe()}
+                "temperature": r.temperature, "note": r.note, "source": r.source, "line": r.describe()}
 
 
 def as_routing_value(value) -> RoutingValue | None:
