@@ -22,7 +22,7 @@ import node_helpers
 import wan_fixtures
 from comfy.patcher_extension import WrappersMP
 
-from moe_core import assemble
+from moe_core import assemble, inspect as moe_inspect
 from moe_core.band import ALWAYS_ON, three_level_band
 from moe_core.checkpoint import LoraMoEFormatError, load_lora_moe, save_lora_moe, to_state_dict
 from moe_core.dit_info import read_dit_file
@@ -127,10 +127,13 @@ def test_model_records():
     assert "none of the supported models" in model_record_problem({"in_dim": 20})
 
 
-def test_files_record_the_family_and_old_files_still_load(tmp_path):
+def test_files_record_the_family_and_old_files_still_load(tmp_path, capsys):
     moe = random_moe(seed=1, model=record("i2v"))
     path = save_lora_moe(moe, tmp_path / "i2v.safetensors")
     assert load_lora_moe(path).sets["default"].model == record("i2v")
+    assert moe_inspect.main([str(path)]) == 0
+    assert "    model: WAN 2.2 I2V A14B (image-to-video); num_layers 10, dim 128, ffn_dim 256, in_dim 36, out_dim 16" \
+        in capsys.readouterr().out
     # a damaged record is refused when the file is read, naming the file, the set and the field
     tensors, header = to_state_dict(moe)
     meta = json.loads(header["lora_moe"])

@@ -166,7 +166,10 @@ def N():
 
 
 def run_prompt(N, prompt: dict, node: str) -> tuple[dict | None, list]:
-    """Run an API prompt with ComfyUI's own executor; (ui output of `node`, status messages)."""
+    """Validate (as `POST /prompt` does) and run an API prompt with ComfyUI's own executor; (ui output of
+    `node`, status messages)."""
+    import asyncio
+
     import execution
     import nodes
 
@@ -180,6 +183,8 @@ def run_prompt(N, prompt: dict, node: str) -> tuple[dict | None, list]:
     added = {c.GET_SCHEMA().node_id: c for c in N.NODES if c.GET_SCHEMA().node_id not in nodes.NODE_CLASS_MAPPINGS}
     nodes.NODE_CLASS_MAPPINGS.update(added)
     try:
+        valid, errors, _ = asyncio.run(execution.validate_inputs("test", prompt, node, {}))
+        assert valid, errors
         executor = execution.PromptExecutor(Server())
         executor.execute(prompt, "test", {}, [node])
     finally:
