@@ -18,7 +18,7 @@ def test_defaults_are_the_seeds_stage1_hyperparameters():
     assert (cfg.lora.rank_q, cfg.lora.rank_k, cfg.lora.rank_v, cfg.lora.rank_o, cfg.lora.rank_ffn) == (8, 4, 4, 4, 4)
     assert cfg.lora.alpha == 1.0 and cfg.lora.target_blocks == "last_8" and cfg.lora.ffn_blocks == "last_3"
     assert (cfg.train.epochs, cfg.train.learning_rate, cfg.train.batch_size, cfg.train.grad_accum) == (10, 1e-4, 1, 8)
-    assert cfg.objective.roi_weight == 3.0 and cfg.model.boundary == 0.875
+    assert cfg.objective.roi_weight == 3.0 and cfg.model.boundary == "auto"  # the family's: 0.875 for T2V
     assert (cfg.objective.t_min, cfg.objective.t_max) == (0.0, 1.0)
 
 

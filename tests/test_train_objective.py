@@ -98,11 +98,14 @@ def test_docs_state_what_share_each_a14b_dit_gets_with_the_defaults():
 
     from training.config import Stage1Config, load_config
 
+    from moe_core.families import FAMILIES
+
     cfg = load_config(Stage1Config)
     o = cfg.objective
-    high = TimestepSampler(o.timestep_sampling, o.shift, o.t_min, o.t_max, o.logit_scale
-                           ).fraction_above(cfg.model.boundary)
-    musubi_like = TimestepSampler("logit_normal", o.shift, o.t_min, o.t_max, 1.0).fraction_above(cfg.model.boundary)
+    assert cfg.model.boundary == "auto"  # the family's: T2V A14B's 0.875 here
+    boundary = FAMILIES["t2v"].boundary
+    high = TimestepSampler(o.timestep_sampling, o.shift, o.t_min, o.t_max, o.logit_scale).fraction_above(boundary)
+    musubi_like = TimestepSampler("logit_normal", o.shift, o.t_min, o.t_max, 1.0).fraction_above(boundary)
     # closed form: P(t >= 0.875) = P(u >= 0.7) = 1 - Phi(logit(0.7)) for logit-normal u and shift 3
     assert musubi_like == pytest.approx(1 - 0.5 * (1 + math.erf(math.log(0.7 / 0.3) / math.sqrt(2))), abs=1e-9)
     text = " ".join((Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text("utf-8").split())

@@ -122,7 +122,8 @@ def test_stage1_lora_is_the_base_of_a_lora_moe(ws, trained, tmp_path):
     path = save_lora_moe(moe, tmp_path / "moe.safetensors")
     moe = load_lora_moe(path)
     # the stage-1 LoRA records its DiT, so the assembled file knows the depth and width it fits
-    assert moe.sets["default"].model == {"dim": 128, "num_layers": tf.LAYERS, "ffn_dim": 256, "in_dim": 16}
+    assert moe.sets["default"].model == {"dim": 128, "num_layers": tf.LAYERS, "ffn_dim": 256, "in_dim": 16,
+                                         "out_dim": 16, "family": "t2v"}
     ours = _apply(apply_lora_moe(comfy.sd.load_diffusion_model(str(ws.dit)), moe, alpha_base=1.0, routing=None),
                   x, t, ctx)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-5)

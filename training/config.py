@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
 
-from moe_core.checkpoint import A14B_BOUNDARY
 
 
 class ConfigError(ValueError):
@@ -48,11 +47,12 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
 class ModelSection:
     """Which DiT(s) to train and how their weights are held."""
 
-    dit: str = doc("one WAN 2.1/2.2 text-to-video DiT: a .safetensors path or a file name in ComfyUI's "
-                   "models/diffusion_models (leave empty for an A14B pair)", "")
-    dit_high: str = doc("WAN 2.2 A14B high-noise DiT (path or name); trained for t >= boundary", "")
-    dit_low: str = doc("WAN 2.2 A14B low-noise DiT (path or name); trained for t < boundary", "")
-    boundary: float = doc("A14B timestep boundary between the two DiTs (0.875 for t2v)", A14B_BOUNDARY)
+    dit: str = doc("one WAN DiT: the TI2V 5B model, or one WAN 2.1/2.2 DiT; a .safetensors path or a file name in "
+                   "ComfyUI's models/diffusion_models (leave empty for an A14B pair)", "")
+    dit_high: str = doc("WAN 2.2 A14B (T2V or I2V) high-noise DiT (path or name); trained for t >= boundary", "")
+    dit_low: str = doc("WAN 2.2 A14B (T2V or I2V) low-noise DiT (path or name); trained for t < boundary", "")
+    boundary: Union[float, Literal["auto"]] = doc(
+        "A14B timestep boundary between the two DiTs; auto: the family's (T2V 0.875, I2V 0.9)", "auto")
     train_dits: list[str] = doc("which DiTs of an A14B pair to train: [\"high_noise\", \"low_noise\"] or one of "
                                 "them (the timestep range then shrinks to that DiT's side)",
                                 factory=lambda: ["high_noise", "low_noise"])
@@ -82,16 +82,21 @@ class DataSection:
     vae: str = doc("WAN VAE (wan_2.1_vae.safetensors): a path or a file name in ComfyUI's models/vae", "")
     text_encoder: str = doc("UMT5-XXL text encoder: a path or a file name in ComfyUI's models/text_encoders",
                             "")
+    family: Literal["auto", "t2v", "i2v", "ti2v"] = doc(
+        "model family the cache is built for (t2v, i2v: also the start-image latent of each window, ti2v: WAN 2.2 "
+        "VAE latents); auto: the DiT's, read from its file; another value than the DiT's is refused", "auto")
     extraction_mode: Literal["head", "uniform", "sliding"] = doc(
         "windows per clip: head (one from the start), uniform (num_windows spread), sliding (every stride)",
         "head")
-    max_frames: int = doc("frames per window (4n+1; 81 = 5 s at 16 fps)", 81)
+    max_frames: int = doc("frames per window (4n+1); 0: the family's (81 = 5 s at 16 fps; TI2V 5B 121 = 5 s at "
+                          "24 fps)", 0)
     min_frames: int = doc("clips with fewer frames (after resampling to target_fps) are skipped", 5)
     num_windows: int = doc("windows per clip in uniform mode", 3)
     stride: int = doc("window stride in sliding mode (0 = the window length)", 0)
-    target_fps: float = doc("frame rate clips are resampled to (WAN: 16)", 16.0)
+    target_fps: float = doc("frame rate clips are resampled to; 0: the family's (16; TI2V 5B 24)", 0.0)
     target_area: int = doc("bucket area in pixels (480*832 = WAN's 480p)", 480 * 832)
-    bucket_step: int = doc("bucket sizes are multiples of this many pixels", 16)
+    bucket_step: int = doc("bucket sizes are multiples of this many pixels (raised to a multiple of the family's "
+                           "token size: 16, TI2V 5B 32)", 16)
     no_instrument: Literal["fallback", "skip", "error"] = doc(
         "captions naming no instrument: fallback (label 'Other'), skip the clip, or error", "fallback")
     latent_dtype: Literal["fp32", "bf16"] = doc("storage dtype of cached latents", "fp32")
@@ -170,6 +175,9 @@ class ObjectiveSection:
     t_max: float = doc("highest noise level trained", 1.0)
     logit_scale: float = doc("spread of logit_normal sampling", 1.0)
     roi_weight: float = doc("loss weight of latent cells inside the instrument-tip ROI (1: plain MSE)", 3.0)
+    start_frame_probability: float = doc(
+        "TI2V 5B: share of samples trained as image-to-video (latent frame 0 kept clean as the start image, per-frame "
+        "timesteps, loss on the other frames); the rest train as text-to-video (all frames noised)", 0.5)
 
 
 @dataclass
@@ -243,8 +251,10 @@ def validate_common(cfg: Any, where: str = "config") -> None:
     if bool(m.dit_high) != bool(m.dit_low):
         raise _fail(where, "model.dit_high" if not m.dit_high else "model.dit_low",
                     "an A14B pair needs both model.dit_high and model.dit_low")
-    if not 0.0 < m.boundary < 1.0:
-        raise _fail(where, "model.boundary", f"must be in (0, 1), got {m.boundary}")
+    if m.boundary != "auto" and not 0.0 < m.boundary < 1.0:
+        raise _fail(where, "model.boundary", f"must be in (0, 1) or \"auto\", got {m.boundary}")
+    if not 0.0 <= o.start_frame_probability <= 1.0:
+        raise _fail(where, "objective.start_frame_probability", f"must be in [0, 1], got {o.start_frame_probability}")
     bad = [x for x in m.train_dits if x not in ("high_noise", "low_noise")]
     if bad or not m.train_dits or len(set(m.train_dits)) != len(m.train_dits):
         raise _fail(where, "model.train_dits", f"must be a non-empty list of \"high_noise\"/\"low_noise\", "
@@ -322,8 +332,10 @@ def validate_common(cfg: Any, where: str = "config") -> None:
         raise _fail(where, "lora.projections", f"unknown {unknown}; valid: {list(ATTENTION_PROJECTIONS)}")
     if not out.name or "/" in out.name or "\\" in out.name:
         raise _fail(where, "output.name", f"must be a plain file name stem, got {out.name!r}")
-    if d.max_frames < 1 or (d.max_frames - 1) % 4:
-        raise _fail(where, "data.max_frames", f"must be 4n+1 (e.g. 81), got {d.max_frames}")
+    if d.max_frames and (d.max_frames < 1 or (d.max_frames - 1) % 4):
+        raise _fail(where, "data.max_frames", f"must be 4n+1 (e.g. 81) or 0 (the family's), got {d.max_frames}")
+    if d.target_fps < 0 or not math.isfinite(d.target_fps):
+        raise _fail(where, "data.target_fps", f"must be > 0 or 0 (the family's), got {d.target_fps}")
     dm = cfg.demo
     if dm.frames < 1 or (dm.frames - 1) % 4:
         raise _fail(where, "demo.frames", f"must be 4n+1, got {dm.frames}")

@@ -44,8 +44,8 @@ from moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 from moe_core.atomic import atomic_path, atomic_write_text
 from .determinism import DataOrder, Distributed, InterruptGuard, rng_state, sample_generator, set_rng_state
 from .dit_schedule import DiTSchedule, group_order
-from .models import DiTSet, TrainableDiT
-from .objective import TimestepSampler, noisy_input, per_sample_loss, roi_weights
+from .models import DiTSet, FlowSample, TrainableDiT
+from .objective import TimestepSampler, frame_weights, per_sample_loss, roi_weights
 from .tensorboard_log import log_scalars, open_writer
 
 log = logging.getLogger("training")
@@ -95,6 +95,9 @@ class LoopSettings:
     dit_schedule: str = "per_sample"
     dit_switch_every: int = 1
     tensorboard: bool = False
+    #: TI2V 5B: share of samples conditioned on their start frame (latent frame 0 kept clean); the rest train
+    #: as plain text-to-video samples
+    start_frame_probability: float = 0.5
 
 
 # ---------------------------------------------------------------------------------------- schedules
@@ -229,6 +232,8 @@ class Trainer:
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.autocast = {"bf16": torch.bfloat16}.get(settings.mixed_precision)
         self._fingerprints = {d.name: d.fingerprint() for d in dits}
+        # TI2V 5B: each sample draws whether it is conditioned on its start frame (latent frame 0)
+        self._start_frames = dits.dits[0].family.conditioning == "latent_image"
 
     # -- one step ---------------------------------------------------------------------------------------
 
@@ -253,16 +258,22 @@ class Trainer:
         t = sampler.sample(gen, 1)[0]
         noise = torch.randn(item["latent"].shape, generator=gen, dtype=torch.float32)
         dit_index = fixed if fixed is not None else self.dits.index_for(float(t))
-        return {"item": item, "t": t, "noise": noise, "dit": dit_index, "position": position}
+        row = {"item": item, "t": t, "noise": noise, "dit": dit_index, "position": position}
+        if self._start_frames:  # TI2V: drawn after the noise, so the other families' streams are unchanged
+            row["start_frame"] = bool(torch.rand(1, generator=gen, dtype=torch.float64)[0]
+                                      < self.s.start_frame_probability)
+        return row
 
     def _groups(self, rows: list[dict]) -> list[tuple[int, list[dict]]]:
-        """Rows grouped by (DiT, latent shape, context shape); the DiT already on the device first."""
+        """Rows grouped by (DiT, latent shape, context shape, TI2V start frame or not); the DiT already on the
+        device first. Start-frame rows run apart from plain ones, so every chunk is one ComfyUI forward (per-frame
+        timesteps with a start frame, one timestep per row without)."""
         active = self.dits._active
         order = group_order([r["dit"] for r in rows], self.dits.dits.index(active) if active is not None else None)
         keyed: dict[tuple, list[dict]] = {}
         for row in rows:
             key = (order.index(row["dit"]), row["dit"], tuple(row["item"]["latent"].shape),
-                   tuple(row["item"]["context"].shape))
+                   tuple(row["item"]["context"].shape), row.get("start_frame", False))
             keyed.setdefault(key, []).append(row)
         out = []
         for key in sorted(keyed):
@@ -271,24 +282,37 @@ class Trainer:
                 out.append((key[1], group[i:i + self.s.batch_size]))
         return out
 
+    def flow_sample(self, dit: TrainableDiT, rows: list[dict]) -> FlowSample:
+        """The rows' DiT input as ComfyUI's sampler builds it for the DiT's family (:meth:`TrainableDiT.flow_sample`):
+        latents, noise, t, and the start image (I2V: ``image_cond_latent``; TI2V: latent frame 0, when drawn)."""
+        latents = torch.stack([r["item"]["latent"].float() for r in rows])
+        noise = torch.stack([r["noise"] for r in rows])
+        t = torch.stack([r["t"] for r in rows])
+        image_cond = None
+        if dit.family.conditioning == "concat_image":
+            missing = [r["item"].get("name", "?") for r in rows if r["item"].get("image_cond_latent") is None]
+            if missing:
+                raise ValueError(f"cached window(s) of {', '.join(missing)} hold no image_cond_latent, which the "
+                                 f"{dit.family.title} DiT needs: rebuild the cache with this DiT (data.family)")
+            image_cond = torch.stack([r["item"]["image_cond_latent"].float() for r in rows])
+        start = torch.tensor([bool(r.get("start_frame", False)) for r in rows])
+        return dit.flow_sample(latents, noise, t, image_cond, start)
+
     def _run_chunk(self, dit: TrainableDiT, rows: list[dict]) -> torch.Tensor:
         """Forward + backward for rows of one DiT and shape; returns their per-sample losses (detached)."""
         device = dit.placement.device
-        x0 = torch.stack([r["item"]["latent"].float() for r in rows]).to(device)
-        x0 = dit.process_latent_in(x0)
-        noise = torch.stack([r["noise"] for r in rows]).to(device)
-        t = torch.stack([r["t"] for r in rows]).to(device)
+        sample = self.flow_sample(dit, rows)
         context = torch.stack([r["item"]["context"].float() for r in rows]).to(device)
-        x_t, target = noisy_input(x0, noise, t)
         weights = None
         if self.s.roi_weight != 1.0 and any(r["item"].get("has_roi", False) for r in rows):
             roi = torch.stack([r["item"]["roi_latent"].float() if r["item"].get("has_roi", False)
                                else torch.zeros(r["item"]["latent"].shape[1:]) for r in rows]).to(device)
             weights = roi_weights(roi, self.s.roi_weight)
+        weights = frame_weights(weights, sample.loss_weights)
         gains = self.gains([r["item"] for r in rows], dit)
         with dit.adapters(gains):
-            pred = dit.predict(x_t, t, context, self.autocast)
-            losses = per_sample_loss(pred, target, weights)
+            pred = dit.predict_sample(sample, context, self.autocast)
+            losses = per_sample_loss(pred, sample.target, weights)
             (losses.sum() / self.global_batch).backward()
         return losses.detach().float().cpu()
 
@@ -378,14 +402,11 @@ class Trainer:
         total = 0.0
         for dit_index, chunk in self._groups(rows):
             dit = self.dits.activate(self.dits.dits[dit_index])
-            device = dit.placement.device
-            x0 = dit.process_latent_in(torch.stack([r["item"]["latent"].float() for r in chunk]).to(device))
-            t = torch.stack([r["t"] for r in chunk]).to(device)
-            x_t, target = noisy_input(x0, torch.stack([r["noise"] for r in chunk]).to(device), t)
-            context = torch.stack([r["item"]["context"].float() for r in chunk]).to(device)
-            with dit.adapters(self.eval_gains(dit, chunk, t)):
-                pred = dit.predict(x_t, t, context, self.autocast)
-            total += float(per_sample_loss(pred, target).sum())
+            sample = self.flow_sample(dit, chunk)
+            context = torch.stack([r["item"]["context"].float() for r in chunk]).to(dit.placement.device)
+            with dit.adapters(self.eval_gains(dit, chunk, sample.t)):
+                pred = dit.predict_sample(sample, context, self.autocast)
+            total += float(per_sample_loss(pred, sample.target, sample.loss_weights).sum())
         return total / num_samples
 
     def eval_gains(self, dit: TrainableDiT, rows: list[dict], t: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ def run_mission(mc: MissionConfig, resume: bool = False, overwrite: bool = False
     from .generate import prepare_custom_nodes, render_clips
     from .mission_report import write_mission_report
     from .models import resolve_model_path
-    from .stage1 import run_stage1
+    from .stage1 import resolve_family, run_stage1
     from .stage2 import run_stage2
 
     timer = StepTimer(log_fn)
@@ -159,6 +159,7 @@ def run_mission(mc: MissionConfig, resume: bool = False, overwrite: bool = False
             log_fn(f"DiT pair (random, {cfg1.demo.dit_layers} blocks, dim {cfg1.demo.dit_dim}): "
                    f"{cfg1.model.dit_high}, {cfg1.model.dit_low}; VAE (random WAN 2.1): {cfg1.data.vae}; "
                    "text encoder: the hashing stand-in")
+        cfg1, _ = resolve_family(cfg1)  # data.family, model.boundary and clip defaults from the DiTs' headers
         prepared = prepare(cfg1.data, log_fn)
         log_fn(prepared.format())
         data_summary = prepared.format()

@@ -100,6 +100,12 @@ class DiTLayout:
     in_channels: int
     text_dim: int
     image_to_video: bool
+    out_channels: int | None = None  # latent channels the head writes (16; TI2V 5B 48); None if unknown
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latents the DiT denoises (its output; its input adds I2V's image channels)."""
+        return self.out_channels if self.out_channels is not None else self.in_channels
 
 
 def _strip(layout: Layout, prefixes: tuple[str, ...]) -> Layout:
@@ -117,8 +123,10 @@ def wan_dit_layout(layout: Layout) -> DiTLayout | None:
     blocks = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
     patch = sd.get("patch_embedding.weight", (0, 0))
     text = sd.get("text_embedding.0.weight", (0, 4096))
+    head = sd.get("head.head.weight")  # [out_dim x 2x2 patch, dim]
     return DiTLayout(dim=int(sd["head.modulation"][-1]), num_layers=len(blocks), in_channels=int(patch[1]),
-                     text_dim=int(text[1]), image_to_video="img_emb.proj.1.weight" in sd)
+                     text_dim=int(text[1]), image_to_video="img_emb.proj.1.weight" in sd,
+                     out_channels=None if head is None else int(head[0]) // 4)
 
 
 def wan_vae_channels(layout: Layout) -> int | None:

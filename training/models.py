@@ -3,7 +3,8 @@
 * :func:`resolve_model_path` takes a path, or a file name in ComfyUI's ``models/diffusion_models`` (or the
   legacy ``models/unet``) folders as ``folder_paths`` knows them; nothing is ever downloaded.
 * :func:`load_dit` runs ``comfy.sd.load_diffusion_model`` (what the UNETLoader node runs) and checks that the
-  result is a text-to-video WAN DiT, naming the file in every error.
+  result is a WAN 2.2 DiT of a supported family (``moe_core.families``: T2V / I2V A14B, TI2V 5B), naming the
+  file in every error.
 * :class:`TrainableDiT` is one DiT being trained: its ``ModelPatcher``, its :class:`~training.adapters.AdapterBank`
   (object patches with ``moe_core``'s forward), the noise range it owns, device placement (idle DiT on the
   CPU, optional streaming of the first blocks' weights for 24 GB cards) and the forward used by the loop:
@@ -11,7 +12,11 @@
   after them) under gradient checkpointing, both through ComfyUI's own block-replacement hook
   (``transformer_options["patches_replace"]["dit"]``), so WAN's forward itself is untouched.
 * :class:`DiTSet` is the set trained in one run: one DiT (``default``), or the WAN 2.2 A14B pair
-  (``high_noise`` for t >= boundary, ``low_noise`` below).
+  (``high_noise`` for t >= boundary, ``low_noise`` below; the boundary is the family's: 0.875 T2V, 0.9 I2V).
+* :class:`FlowSample` is one micro-batch as the DiT sees it in ComfyUI's sampler, built by
+  :meth:`TrainableDiT.flow_sample`: the noisy latent and, per family, the image conditioning (I2V: mask and
+  start-image latent concatenated by the model's own ``concat_cond``; TI2V: the start frame kept clean and its
+  per-frame timesteps from the model's own ``process_timestep``).
 """
 from __future__ import annotations
 
@@ -27,8 +32,10 @@ import torch
 import torch.utils.checkpoint
 
 from moe_core.checkpoint import A14B_BOUNDARY
+from moe_core.families import FAMILIES, ModelFamily, ModelFamilyError, family_of_model
 
 from .adapters import AdapterBank, block_of
+from .objective import noisy_input
 
 log = logging.getLogger("training.models")
 
@@ -137,14 +144,57 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "default", what: str =
                              f"({type(dm).__name__}), not a WAN DiT")
     if getattr(dm, "model_type", "t2v") != "t2v" or type(dm) is not comfy.ldm.wan.model.WanModel:
         raise ModelFileError(f"{what} model {path}: a WAN {getattr(dm, 'model_type', '?')} / {type(dm).__name__} "
-                             "model; this trainer trains text-to-video DiTs")
+                             "model (CLIP-vision image embeddings, VACE, camera or audio inputs); this trainer "
+                             "trains WAN 2.2 T2V A14B, I2V A14B and TI2V 5B DiTs")
+    try:
+        family_of_model(dm, f"{what} model {path}")
+    except ModelFamilyError as e:
+        raise ModelFileError(str(e)) from None
     return mp
 
 
-def model_info(mp) -> dict[str, int]:
+def model_info(mp) -> dict[str, int | str]:
+    """The DiT's shape and family, as LoRA-MoE files record it (``wan_lora_moe_model``, adapter sets' ``model``)."""
     dm = mp.model.diffusion_model
     return {"dim": int(dm.dim), "num_layers": len(dm.blocks), "ffn_dim": int(dm.blocks[0].ffn_dim),
-            "in_dim": int(dm.patch_embedding.in_channels)}
+            "in_dim": int(dm.patch_embedding.in_channels), "out_dim": int(dm.out_dim),
+            "family": family_of_model(dm).name}
+
+
+@dataclass
+class FlowSample:
+    """One micro-batch as the DiT meets it in ComfyUI's sampler, and what the loss compares.
+
+    Attributes:
+        x_t: the noisy latents [B, C, F, H, W] (TI2V with a start frame: latent frame 0 is the clean start latent,
+            as the sampler's ``KSamplerX0Inpaint`` puts it back before every model call).
+        target: the velocity ``noise - x0`` [B, C, F, H, W].
+        t: the noise level [B] of the generated frames: what the gates see (the sampler's ``sigmas``).
+        x0: the normalised clean latents (``process_latent_in``).
+        concat: I2V: the 20 channels (4 mask + 16 start-image latent) that ``model_base.WAN21.concat_cond``
+            appends to ``x_t`` (ComfyUI passes them as ``c_concat``); None otherwise.
+        denoise_mask: TI2V with a start frame: [B, 1, F, H, W], 0 on the kept start frame, 1 on the generated
+            frames (``Wan22ImageToVideoLatent``'s ``noise_mask``); None when every frame is generated.
+    """
+
+    x_t: torch.Tensor
+    target: torch.Tensor
+    t: torch.Tensor
+    x0: torch.Tensor
+    concat: torch.Tensor | None = None
+    denoise_mask: torch.Tensor | None = None
+
+    @property
+    def loss_weights(self) -> torch.Tensor | None:
+        """[B, 1, F, H, W] weights that leave the kept start frame out of the loss (None: all frames count)."""
+        return self.denoise_mask
+
+    def clean_estimate(self, velocity: torch.Tensor) -> torch.Tensor:
+        """x0 from a velocity, with the kept start frame as the sampler returns it (the clean start latent)."""
+        x0_hat = self.x_t.float() - self.t.float().reshape(-1, *([1] * (self.x_t.ndim - 1))) * velocity.float()
+        if self.denoise_mask is None:
+            return x0_hat
+        return x0_hat * self.denoise_mask + self.x0.float() * (1.0 - self.denoise_mask)
 
 
 # ------------------------------------------------------------------------------------------ one DiT
@@ -354,18 +404,26 @@ class TrainableDiT:
             self.bank.end()
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                autocast_dtype: torch.dtype | None = None, concat: torch.Tensor | None = None,
+                denoise_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The DiT's velocity prediction (float32) for noisy latents ``x_t`` [B, C, F, H, W] at noise ``t`` [B].
 
-        Inputs are cast as ComfyUI's ``BaseModel._apply_model`` casts them (latents and context to the
-        model's compute dtype, timestep ``1000 * t`` in float32). Call inside :meth:`adapters`.
+        Inputs are prepared as ComfyUI's ``BaseModel._apply_model`` prepares them: ``concat`` (I2V, from
+        :meth:`flow_sample`) appended to the latents on the channel axis, latents and context cast to the
+        model's compute dtype, timestep ``1000 * t`` in float32, turned into per-frame timesteps by the model's
+        own ``process_timestep`` when a TI2V ``denoise_mask`` keeps a start frame. Call inside :meth:`adapters`.
         """
         if self.bank.ab is None:
             raise RuntimeError("TrainableDiT.predict must run inside `with dit.adapters(gains):`")
         device, dtype = self.placement.device, self.compute_dtype
-        x = x_t.to(device, dtype)
+        x = x_t.to(device)
+        if concat is not None:
+            x = torch.cat([x, concat.to(device, x.dtype)], dim=1)
+        x = x.to(dtype)
         ctx = context.to(device, dtype)
         timestep = (t.to(device=device, dtype=torch.float32) * 1000.0)
+        if denoise_mask is not None:
+            timestep = self.mp.model.process_timestep(timestep, x=x_t, denoise_mask=denoise_mask.to(device, dtype))
         opts = {"patches_replace": {"dit": self._block_patches}}
         if autocast_dtype is not None:
             with torch.autocast(device_type=device.type, dtype=autocast_dtype):
@@ -373,6 +431,49 @@ class TrainableDiT:
         else:
             out = self.diffusion_model(x, timestep, ctx, transformer_options=opts)
         return out.float()
+
+    def predict_sample(self, sample: FlowSample, context: torch.Tensor,
+                       autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`predict` for a :class:`FlowSample` (its latents, noise level and image conditioning)."""
+        return self.predict(sample.x_t, sample.t, context, autocast_dtype, sample.concat, sample.denoise_mask)
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_of_model(self.diffusion_model)
+
+    def flow_sample(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                    image_cond: torch.Tensor | None = None, start_frame: torch.Tensor | None = None) -> FlowSample:
+        """The DiT's input for raw VAE ``latents`` [B, C, F, H, W], ``noise`` and noise levels ``t`` [B], as
+        ComfyUI's sampler builds it for this DiT's family (each step calls the loaded model's own code).
+
+        * T2V: ``x_t = (1 - t)·x0 + t·noise`` with ``x0 = process_latent_in(latents)``.
+        * I2V: the same ``x_t`` plus the conditioning of core ``WanImageToVideo``: ``image_cond`` [B, 16, F, H, W]
+          (the raw VAE latent of the start image followed by 0.5-gray frames) and a mask of ones with latent
+          frame 0 at 0, turned into the 20 extra input channels by ``model_base.WAN21.concat_cond``.
+        * TI2V: rows with ``start_frame`` [B] (bool) keep latent frame 0 clean (the start image's latent, as core
+          ``Wan22ImageToVideoLatent`` writes it and the sampler keeps it) and get a ``denoise_mask`` that is 0
+          there; the loss then leaves that frame out. Rows without are plain text-to-video samples.
+        """
+        device = self.placement.device
+        x0 = self.process_latent_in(latents.to(device).float())
+        x_t, target = noisy_input(x0, noise.to(device), t.to(device))
+        fam = self.family
+        concat = mask = None
+        if fam.conditioning == "concat_image":
+            if image_cond is None:
+                raise ValueError(f"the {fam.title} DiT needs the start image's latent (image_cond_latent) of every "
+                                 "sample: rebuild the cache for this family")
+            mask = torch.ones_like(x0[:, :1])
+            mask[:, :, 0] = 0.0  # WanImageToVideo: 0 on the latent frame of the start image
+            concat = self.mp.model.concat_cond(noise=x_t, concat_latent_image=image_cond.to(device).float().clone(),
+                                               concat_mask=mask, device=device)
+            mask = None
+        elif fam.conditioning == "latent_image" and start_frame is not None and bool(start_frame.any()):
+            mask = torch.ones_like(x0[:, :1])
+            mask[start_frame.to(device), :, 0] = 0.0
+            full = mask.expand_as(x0)  # the sampler's mask, one per latent channel (prepare_mask)
+            x_t = x_t * full + x0 * (1.0 - full)  # KSamplerX0Inpaint; WAN22.scale_latent_inpaint is the latent
+        return FlowSample(x_t, target, t.to(device), x0, concat, mask)
 
     def process_latent_in(self, latent: torch.Tensor) -> torch.Tensor:
         """VAE latents -> the normalised latents the DiT works on (what ComfyUI's sampler does first)."""

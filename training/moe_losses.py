@@ -13,17 +13,24 @@ from dataclasses import dataclass
 import torch
 
 
-def flow_terms(pred: torch.Tensor, target: torch.Tensor, roi: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_terms(pred: torch.Tensor, target: torch.Tensor, roi: torch.Tensor | None,
+               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample plain MSE and ROI term ``Σ roi·e² / Σ roi`` (0 for a sample without ROI cells).
 
-    ``roi`` is [B, F, H, W] (latent grid, 0/1 or soft), broadcast over channels.
+    ``roi`` is [B, F, H, W] (latent grid, 0/1 or soft), broadcast over channels. ``keep`` [B, 1, F, H, W]
+    (a TI2V sample's denoise mask, 0 on the start frame the sampler keeps clean) leaves those frames out of both.
     """
     err = (pred.float() - target.float()) ** 2
-    plain = err.flatten(1).mean(1)
+    if keep is None:
+        plain = err.flatten(1).mean(1)
+    else:
+        k = keep.float().expand_as(err)
+        plain = (k * err).flatten(1).sum(1) / k.flatten(1).sum(1).clamp_min(1e-12)
     if roi is None:
         return plain, torch.zeros_like(plain)
     w = roi.float().unsqueeze(1).expand_as(err)
+    if keep is not None:
+        w = w * keep.float()
     denom = w.flatten(1).sum(1)
     roi_term = (w * err).flatten(1).sum(1) / denom.clamp_min(1e-12)
     return plain, torch.where(denom > 0, roi_term, torch.zeros_like(roi_term))

@@ -155,6 +155,16 @@ def roi_weights(roi: torch.Tensor | None, roi_weight: float) -> torch.Tensor | N
     return (1.0 + (roi_weight - 1.0) * roi.float())[:, None]
 
 
+def frame_weights(weights: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """Loss weights ``[B, 1, F, H, W]`` with the frames a TI2V sample keeps clean left out: ``keep`` is the
+    sample's denoise mask (0 on the start frame, 1 on generated frames; None: every frame is generated). The
+    model's output on a kept frame is discarded by the sampler, so it is not trained."""
+    if keep is None:
+        return weights
+    keep = keep.float()
+    return keep if weights is None else weights.float() * keep
+
+
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted MSE per batch row ``[B]``, computed in float32.
 
@@ -170,5 +180,5 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Ten
     return (w * err).sum(dim=dims) / w.sum(dim=dims)
 
 
-__all__ = ["TIMESTEP_SAMPLINGS", "TIMESTEP_SCALE", "TimestepSampler", "noisy_input", "per_sample_loss",
+__all__ = ["TIMESTEP_SAMPLINGS", "TIMESTEP_SCALE", "TimestepSampler", "frame_weights", "noisy_input", "per_sample_loss",
            "roi_weights"]

@@ -61,6 +61,72 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 # ------------------------------------------------------------------------------------------- building
 
+def dit_specs(cfg) -> list[tuple[str, str]]:
+    """``(set name, model spec)`` of the DiTs the run trains: ``default``, or the A14B pair's trained sides."""
+    m = cfg.model
+    if m.dit:
+        return [("default", m.dit)]
+    return [(n, m.dit_high if n == "high_noise" else m.dit_low) for n in ("high_noise", "low_noise")
+            if n in m.train_dits and (m.dit_high if n == "high_noise" else m.dit_low)]
+
+
+def resolve_family(cfg, log_fn: Callable[[str], None] | None = None):
+    """The config with its family-dependent values settled from the DiT file(s) (header only, before any
+    encoding): ``data.family`` (the cache's; a configured family other than the DiT's is refused),
+    ``model.boundary`` ("auto": the family's, T2V 0.875 / I2V 0.9), ``data.max_frames`` and
+    ``data.target_fps`` (0: the family's, 81 frames at 16 fps; TI2V 5B 121 at 24). Also refuses a TI2V 5B
+    DiT given as an A14B pair and a pair of two families. Returns ``(cfg, family)``."""
+    import dataclasses
+
+    from moe_core.families import FAMILIES, ModelFamilyError, family_from_dims
+    from .model_files import HeaderError, is_safetensors, read_header, wan_dit_layout
+    from .models import ModelFileError, resolve_model_path
+
+    m, d = cfg.model, cfg.data
+    families = {}
+    for name, spec in dit_specs(cfg):
+        path = resolve_model_path(spec, f"{name} DiT" if name != "default" else "DiT")
+        if not is_safetensors(path):
+            continue  # .pt/.ckpt: the loaded model is checked instead
+        try:
+            header = read_header(path)
+        except (OSError, HeaderError):
+            continue  # precheck_dit names the file's problem
+        layout = wan_dit_layout(header.shapes)
+        if layout is None:
+            continue
+        try:
+            families[name] = family_from_dims(layout.in_channels, layout.out_channels, f"DiT model {path}")
+        except ModelFamilyError as e:
+            raise ModelFileError(str(e)) from None
+    if not families:
+        fam = FAMILIES["t2v" if d.family == "auto" else d.family]
+    else:
+        names = {f.name for f in families.values()}
+        if len(names) > 1:
+            raise TrainingSetupError("model.dit_high and model.dit_low are DiTs of different families ("
+                                     + ", ".join(f"{n}: {f.title}" for n, f in families.items())
+                                     + "): an A14B pair is two DiTs of one model")
+        fam = next(iter(families.values()))
+    if m.dit_high and not fam.pair:
+        raise TrainingSetupError(f"model.dit_high / model.dit_low hold {fam.title}, which is one DiT, not a "
+                                 "high/low-noise pair: set model.dit instead")
+    if d.family != "auto" and d.family != fam.name:
+        raise TrainingSetupError(f"data.family = {d.family!r}, but the DiT is {fam.title} (family {fam.name!r}, "
+                                 f"{fam.in_dim} input latent channels): the cache must be built for the DiT's "
+                                 f"family; set data.family = \"{fam.name}\" or \"auto\"")
+    boundary = m.boundary
+    if boundary == "auto":
+        boundary = fam.boundary if fam.boundary is not None else FAMILIES["t2v"].boundary
+    elif fam.boundary is not None and m.dit_high and abs(boundary - fam.boundary) > 1e-9 and log_fn is not None:
+        log_fn(f"note: model.boundary = {boundary:g}, while {fam.title} switches DiTs at t = {fam.boundary:g} "
+               "(model.boundary = \"auto\" uses it)")
+    data = dataclasses.replace(d, family=fam.name, max_frames=d.max_frames or fam.frames,
+                               target_fps=d.target_fps or float(fam.fps))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, boundary=float(boundary)), data=data)
+    return cfg, fam
+
+
 def build_dits(cfg, device, seed: int, expert_names: Sequence[str], log_fn=print, make_bank=None,
                offload_idle: bool | None = None, dist=None):
     """Load the DiT(s) of ``cfg.model`` through ComfyUI and put a fresh trainable base LoRA on each (or the
@@ -79,7 +145,7 @@ def build_dits(cfg, device, seed: int, expert_names: Sequence[str], log_fn=print
     if m.dit:
         specs = [("default", m.dit, (0.0, 1.0))]
     elif m.dit_high:
-        ranges = a14b_ranges(m.boundary)
+        ranges = a14b_ranges(float(m.boundary))
         specs = [(n, m.dit_high if n == "high_noise" else m.dit_low, ranges[n])
                  for n in ("high_noise", "low_noise") if n in m.train_dits]
     else:
@@ -133,7 +199,7 @@ def build_dits(cfg, device, seed: int, expert_names: Sequence[str], log_fn=print
         dist.barrier()
     if len(patchers) == 2:
         check_pair(patchers["high_noise"], patchers["low_noise"], paths["high_noise"], paths["low_noise"])
-    return DiTSet(dits, boundary=m.boundary if m.dit_high else None), paths
+    return DiTSet(dits, boundary=float(m.boundary) if m.dit_high else None), paths
 
 
 def _local_turn(dist) -> tuple[int, int]:
@@ -168,7 +234,7 @@ def loop_settings(cfg, total_steps: int):
                         dit_learning_rates={"high_noise": t.learning_rate_high, "low_noise": t.learning_rate_low},
                         dit_max_steps={"high_noise": t.max_steps_high, "low_noise": t.max_steps_low},
                         dit_schedule=cfg.model.dit_schedule, dit_switch_every=cfg.model.dit_switch_every,
-                        tensorboard=out.tensorboard)
+                        tensorboard=out.tensorboard, start_frame_probability=o.start_frame_probability)
 
 
 def memory_plan(cfg, device, log_fn: Callable[[str], None] = print):
@@ -195,7 +261,12 @@ def memory_plan(cfg, device, log_fn: Callable[[str], None] = print):
     if moe is not None:  # stage 2: N experts train (16 bytes a parameter), the base is a float32 buffer (4)
         params = int(len(moe.expert_names) * moe.expert_rank_scale * params + params // 4)
     first = min(int(n.split(".")[1]) for n in modules) if modules else info.num_layers
-    tokens = math.ceil(((cfg.data.max_frames - 1) // 4 + 1) * cfg.data.target_area / 256)
+    from moe_core.families import FAMILIES
+
+    fam = FAMILIES.get(cfg.data.family, FAMILIES["t2v"])
+    frames = cfg.data.max_frames or fam.frames
+    cell = 2 * fam.spatial_compression  # pixels per DiT token side: the VAE's compression x the 2x2 patches
+    tokens = math.ceil(((frames - 1) // 4 + 1) * cfg.data.target_area / cell ** 2)
     encoders = sum(Path(p).stat().st_size for p in (cfg.data.vae, cfg.data.text_encoder) if p and Path(p).is_file())
     cuda = device.type == "cuda"
     compute = 2 if (t.mixed_precision == "bf16" or cuda) else 4
@@ -212,6 +283,26 @@ def memory_plan(cfg, device, log_fn: Callable[[str], None] = print):
     est = estimate_memory(infos, offload_idle=offload, **kwargs)
     log_fn(est.format() + note)
     return est, offload
+
+
+def check_data_fits(dataset, family) -> None:
+    """The cached windows are what the DiT's family reads: latents of its VAE (``out_dim`` channels: 16, or 48
+    for TI2V 5B), and for I2V the start image's latent (``image_cond_latent``) beside each."""
+    item = dataset[0]
+    channels = item["latent"].shape[0]
+    if channels != family.latent_channels:
+        raise TrainingSetupError(f"the cached latents have {channels} channels but {family.title} works on "
+                                 f"{family.latent_channels}-channel latents: the VAE does not belong to this DiT "
+                                 "(WAN 2.1 / 2.2 A14B use the WAN 2.1 VAE with 16 channels; the WAN 2.2 TI2V 5B "
+                                 "model uses the 2.2 VAE with 48)")
+    if family.conditioning == "concat_image":
+        cond = item.get("image_cond_latent")
+        if cond is None or tuple(cond.shape) != tuple(item["latent"].shape):
+            raise TrainingSetupError(f"the cached window of {item.get('name', '?')} has "
+                                     f"{'no' if cond is None else 'a ' + str(list(cond.shape))} image_cond_latent, "
+                                     f"but {family.title} reads the start image's latent, shaped like the latent "
+                                     f"{list(item['latent'].shape)}: the cache must be built with data.family = "
+                                     "\"i2v\"")
 
 
 def _check_output_dir(out_dir: Path, resume: str | None, overwrite: bool) -> None:
@@ -312,6 +403,10 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
                 what = {"dit": "DiT", "dit_high": "high_noise DiT", "dit_low": "low_noise DiT"}[key]
                 dit_files.append(resolve_model_path(spec, what))
                 precheck_dit(dit_files[-1], what)
+        cfg, family = resolve_family(cfg, say)
+        if family.name != "t2v" and cfg.output.render_every:
+            raise TrainingSetupError(f"output.render_every: validation renders sample text-to-video clips; for "
+                                     f"{family.title} they are not available yet: set output.render_every = 0")
 
         _, offload = memory_plan(cfg, device, say)
 
@@ -332,12 +427,10 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
         dits, dit_paths = build_dits(cfg, device, cfg.train.seed, expert_names, say,
                                      make_bank=hooks.make_bank if hooks is not None else None, offload_idle=offload,
                                      dist=dist)
-        in_dim = dits.dits[0].diffusion_model.patch_embedding.in_channels
-        channels = dataset[0]["latent"].shape[0]
-        if channels != in_dim:
-            raise TrainingSetupError(f"the cached latents have {channels} channels but the DiT takes {in_dim}: the "
-                                     "VAE does not belong to this DiT (WAN 2.1 / 2.2 A14B use the WAN 2.1 VAE with 16 "
-                                     "channels; the WAN 2.2 5B model uses the 2.2 VAE with 48)")
+        check_data_fits(dataset, dits.dits[0].family)
+        if dits.dits[0].family.name != family.name:  # a .pt/.ckpt file whose header could not tell
+            raise TrainingSetupError(f"the DiT is {dits.dits[0].family.title}, but the data were prepared for "
+                                     f"family {family.name!r}: set data.family = \"{dits.dits[0].family.name}\"")
 
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size
         sampler = sampler_for(cfg, dits)

@@ -24,7 +24,6 @@ from moe_core.vocabulary import DEFAULT_EXPERT_NAMES
 
 from .determinism import _mix
 from .moe_losses import flow_terms
-from .objective import noisy_input
 
 
 class HoldoutError(ValueError):
@@ -177,7 +176,9 @@ class Validator:
             device = dit.placement.device
             for i in range(len(self.dataset)):
                 item = self.dataset[i]
-                x0 = dit.process_latent_in(item["latent"].float()[None].to(device))
+                latent = item["latent"].float()[None]
+                image_cond = item.get("image_cond_latent")
+                image_cond = None if image_cond is None else image_cond.float()[None]
                 context = item["context"].float()[None].to(device)
                 roi = item["roi_latent"].float()[None].to(device) if item.get("has_roi", False) else None
                 teacher, label = self.teacher[i:i + 1], self.label[i:i + 1]
@@ -186,13 +187,14 @@ class Validator:
                     names, gains = self._variants(trainer, dit, teacher, label, t, full)
                     v = gains.shape[0]
                     gen = torch.Generator().manual_seed(_mix(self.seed, i, k))
-                    noise = torch.randn(item["latent"].shape, generator=gen)[None].to(device)
-                    x_t, target = noisy_input(x0, noise, t.to(device))
+                    noise = torch.randn(item["latent"].shape, generator=gen)[None]
+                    # I2V: the window's start image; TI2V: validated as image-to-video (start frame kept clean)
+                    sample = dit.flow_sample(latent, noise, t, image_cond, torch.tensor([True]))
+                    rep = lambda x: None if x is None else x.expand(v, *x.shape[1:])  # noqa: E731
                     with dit.adapters(gains.to(device)):
-                        pred = dit.predict(x_t.expand(v, *x_t.shape[1:]), t.to(device).expand(v),
-                                           context.expand(v, *context.shape[1:]), trainer.autocast)
-                    plain, roi_term = flow_terms(pred, target.expand_as(pred),
-                                                 None if roi is None else roi.expand(v, *roi.shape[1:]))
+                        pred = dit.predict(rep(sample.x_t), rep(sample.t), rep(context), trainer.autocast,
+                                           rep(sample.concat), rep(sample.denoise_mask))
+                    plain, roi_term = flow_terms(pred, rep(sample.target), rep(roi), rep(sample.denoise_mask))
                     records.append({"dit": dit.name, "t": t_val, "class": int(label.argmax()),
                                     "plain": dict(zip(names, plain.tolist())),
                                     "roi": dict(zip(names, roi_term.tolist())) if roi is not None else None})

@@ -32,8 +32,7 @@ from moe_core.routing import LearnedRouter, teacher_distribution
 from .determinism import _mix
 from .loop import Trainer, lr_lambda
 from .models import TrainableDiT
-from .moe_losses import (entropy, flow_terms, kl_to_teacher, predicted_clean, step_routing, temporal_term)
-from .objective import noisy_input
+from .moe_losses import entropy, flow_terms, kl_to_teacher, step_routing, temporal_term
 
 log = logging.getLogger("training")
 
@@ -210,11 +209,9 @@ class Stage2Trainer(Trainer):
 
     def _run_chunk(self, dit: TrainableDiT, rows: list[dict]) -> torch.Tensor:
         device = dit.placement.device
-        x0 = dit.process_latent_in(torch.stack([r["item"]["latent"].float() for r in rows]).to(device))
-        noise = torch.stack([r["noise"] for r in rows]).to(device)
-        t = torch.stack([r["t"] for r in rows]).to(device)
+        sample = self.flow_sample(dit, rows)  # the DiT's input per family, as ComfyUI's sampler builds it
+        x0, target, t, keep = sample.x0, sample.target, sample.t, sample.loss_weights
         context = torch.stack([r["item"]["context"].float() for r in rows]).to(device)
-        x_t, target = noisy_input(x0, noise, t)
         roi = None
         if any(r["item"].get("has_roi", False) for r in rows):
             roi = torch.stack([r["item"]["roi_latent"].float() if r["item"].get("has_roi", False)
@@ -227,8 +224,8 @@ class Stage2Trainer(Trainer):
         with dit.adapters(gains):
             if self.w.rank_dropout > 0:
                 self._rank_dropout(dit, rows)
-            pred = dit.predict(x_t, t, context, self.autocast)
-            plain, roi_term = flow_terms(pred, target, roi)
+            pred = dit.predict_sample(sample, context, self.autocast)  # gates above use t, the sampler's sigma
+            plain, roi_term = flow_terms(pred, target, roi, keep)
             flow = self.w.diffusion * plain + self.w.roi * roi_term
             total = flow.sum() / G
             self._sums["diffusion"] += float(plain.detach().sum())
@@ -240,7 +237,7 @@ class Stage2Trainer(Trainer):
                 total = total + (probs * self._step_stats.coefficients.to(probs)).sum()
                 self._sums["teacher_kl"] += float(kl.detach().sum())
             if self.classifier is not None or self.w.temporal > 0:
-                x0_pred = predicted_clean(x_t, pred, t)
+                x0_pred = sample.clean_estimate(pred)  # a kept TI2V start frame is the clean latent
                 if self.classifier is not None:
                     logits = self.classifier(x0_pred)
                     ce = torch.nn.functional.cross_entropy(logits.float(), label.argmax(-1), reduction="none")
