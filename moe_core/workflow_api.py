@@ -113,8 +113,11 @@ def convert(workflow: dict, object_info: dict) -> dict:
         if isinstance(node.get("widgets_values"), dict):
             raise ConversionError(f"node {nid} ({kind}) stores widgets_values as a dict (not supported)")
         k = 0
+        optional = info["input"].get("optional", {})
         for name, control in widget_names(info):
             if k >= len(values):
+                if name in optional:  # saved before the node had this input: the front end keeps its default
+                    continue
                 raise ConversionError(f"node {nid} ({kind}): widgets_values has no value for '{name}'")
             inputs[name] = values[k]
             k += 2 if control else 1

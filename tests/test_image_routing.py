@@ -249,3 +249,22 @@ def test_load_lora_moe_maps_the_image_onto_the_files_experts(N, classifier, tiny
     wan_sample(patched, *wan_contexts, seed=1, steps=2)
     top = sum(want[n] for n in ("Cutting", "Coagulation"))
     assert gate_trace(patched)[0]["gates"] == approx([want["Cutting"] / top, want["Coagulation"] / top, 0, 0])
+
+
+def test_a_router_saved_before_the_image_inputs_converts_with_their_defaults(N):
+    """The UI->API converter the demo and the ablations use treats an old Router (five widget values) as the
+    front end does: the optional widgets it has no value for keep the node's defaults."""
+    from moe_core.workflow_api import ConversionError, convert
+
+    info = {"WanLoRAMoE_PromptRouter": N.PromptInstrumentRouter.GET_NODE_INFO_V1()}
+
+    def router(values):
+        return {"nodes": [{"id": 2, "type": "WanLoRAMoE_PromptRouter", "widgets_values": values, "inputs": []}],
+                "links": []}
+
+    old = convert(router(["剪刀", "rule-based", 2, 1.0, "Other"]), info)["2"]["inputs"]
+    assert old == {"prompt": "剪刀", "mode": "rule-based", "top_k": 2, "temperature": 1.0, "no_instrument": "Other"}
+    new = convert(router(["剪刀", "rule-based", 2, 1.0, "Other", "image", "c.pt", "ab"]), info)["2"]["inputs"]
+    assert (new["route_from"], new["classifier"], new["classifier_sha256"]) == ("image", "c.pt", "ab")
+    with pytest.raises(ConversionError, match="widgets_values has no value for 'temperature'"):
+        convert(router(["剪刀", "rule-based", 2]), info)
