@@ -114,9 +114,10 @@ def sampler_state(mp, latent: torch.Tensor, noise: torch.Tensor, t: float) -> to
 
 
 def trainable(path: Path, moe, name: str = "default") -> TrainableDiT:
-    """The DiT as the trainer loads it (``load_dit``), with the random LoRA-MoE's base and experts as its bank."""
+    """The DiT as the trainer loads it (``load_dit``), with the random LoRA-MoE's base and experts as its bank
+    (the experts trainable, as in stage 2)."""
     mp = load_dit(path)
-    bank = AdapterBank.from_adapter_set(moe.sets["default"], len(NAMES))
+    bank = AdapterBank.from_adapter_set(moe.sets["default"], len(NAMES), range(1, 1 + len(NAMES)))
     cpu = torch.device("cpu")
     return TrainableDiT(name, mp, bank, (0.0, 1.0), Placement(cpu, cpu, offload_idle=False),
                         gradient_checkpointing=True, source=str(path))
@@ -340,3 +341,126 @@ def test_stage1_and_stage2_cli_runs_write_files_of_the_family(family, dit_files,
     t2v = wan_fixtures.load_tiny_wan(wan_fixtures.tiny_wan_state_dict(0, num_layers=LAYERS))
     with pytest.raises(Exception, match="family|trained for"):
         apply_lora_moe(t2v, moe, adapter_set=sets[-1])
+
+
+# ------------------------------------------------------------------------ configs, checks, start frames
+
+CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
+
+
+@pytest.mark.parametrize("name, family", [("stage1_i2v_a14b", "i2v"), ("stage2_i2v_a14b", "i2v"),
+                                          ("stage1_ti2v_5b", "ti2v"), ("stage2_ti2v_5b", "ti2v")])
+def test_shipped_family_configs_parse(name, family):
+    from training.config import Stage1Config, load_config
+    from training.stage2_config import Stage2Config
+
+    cfg = load_config(Stage1Config if name.startswith("stage1") else Stage2Config, CONFIGS / f"{name}.toml")
+    fam = FAMILIES[family]
+    assert cfg.data.family == family and cfg.data.vae == fam.vae
+    assert (cfg.data.max_frames, cfg.data.target_fps) == (fam.frames, float(fam.fps))
+    assert cfg.data.bucket_step % (2 * fam.spatial_compression) == 0
+    if family == "i2v":
+        assert cfg.model.dit_high == "wan2.2_i2v_high_noise_14B_fp16.safetensors"
+        assert cfg.model.dit_low == "wan2.2_i2v_low_noise_14B_fp16.safetensors" and cfg.model.boundary == "auto"
+    else:
+        assert cfg.model.dit == "wan2.2_ti2v_5B_fp16.safetensors" and not cfg.model.dit_high
+        assert cfg.objective.start_frame_probability == 0.5
+    if name.startswith("stage2"):
+        assert cfg.objective.t_min == 0.2  # stage 2's own defaults are kept
+
+
+def _cfg(**sections):
+    from training.config import Stage1Config, config_from_dict
+
+    base = {"data": {"manifest": "m.jsonl", "vae": "demo:pooling", "text_encoder": "demo:hash"}}
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return config_from_dict(Stage1Config, base, "test config")
+
+
+def test_the_family_comes_from_the_dit_and_a_mismatch_is_refused(dit_files, tmp_path):
+    from training.stage1 import TrainingSetupError, memory_plan, resolve_family
+
+    pair = {"dit_high": str(dit_files["i2v_high"]), "dit_low": str(dit_files["i2v_low"])}
+    cfg, fam = resolve_family(_cfg(model=pair))
+    assert fam.name == "i2v" and cfg.data.family == "i2v" and cfg.model.boundary == 0.9
+    assert (cfg.data.max_frames, cfg.data.target_fps) == (81, 16.0)
+    cfg, fam = resolve_family(_cfg(model={"dit": str(dit_files["ti2v"])}, data={"max_frames": 9}))
+    assert fam.name == "ti2v" and (cfg.data.max_frames, cfg.data.target_fps) == (9, 24.0)
+    # the memory estimate counts the 5B model's 32-pixel tokens: 3 latent frames x (64 x 32) / 32^2
+    est, _ = memory_plan(dataclasses_replace(cfg, data={"target_area": 64 * 32}), torch.device("cpu"), QUIET)
+    assert est.tokens == 6
+    with pytest.raises(TrainingSetupError, match=r"data.family = 't2v'.*I2V A14B"):
+        resolve_family(_cfg(model=pair, data={"family": "t2v"}))
+    with pytest.raises(TrainingSetupError, match="one DiT, not a high/low-noise pair: set model.dit"):
+        resolve_family(_cfg(model={"dit_high": str(dit_files["ti2v"]), "dit_low": str(dit_files["ti2v"])}))
+    t2v = _write_dit(tmp_path / "t2v.safetensors", "t2v", 0)
+    with pytest.raises(TrainingSetupError, match="different families"):
+        resolve_family(_cfg(model={"dit_high": str(t2v), "dit_low": str(dit_files["i2v_low"])}))
+
+
+def dataclasses_replace(cfg, **sections):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+
+
+def test_a_cache_of_another_family_is_refused_before_training():
+    from training.stage1 import TrainingSetupError, check_data_fits
+
+    t2v_item = {"latent": torch.zeros(16, 2, 4, 4), "name": "clip_a"}
+    with pytest.raises(TrainingSetupError, match=r"clip_a has no image_cond_latent.*data.family = \"i2v\""):
+        check_data_fits([t2v_item], FAMILIES["i2v"])
+    with pytest.raises(TrainingSetupError, match="16 channels but WAN 2.2 TI2V 5B"):
+        check_data_fits([t2v_item], FAMILIES["ti2v"])
+    check_data_fits([dict(t2v_item, image_cond_latent=torch.zeros(16, 2, 4, 4))], FAMILIES["i2v"])
+
+
+def test_ti2v_samples_draw_their_start_frame_and_its_frame_is_not_trained(dit_files, tmp_path):
+    """Each TI2V sample draws (from its own position's generator) whether it keeps its start frame, with
+    objective.start_frame_probability; start-frame and plain rows run in separate chunks; the loss ignores the
+    prediction on a kept frame. Other families draw nothing (their random streams are unchanged)."""
+    from training.loop import LoopSettings, Trainer
+    from training.models import DiTSet
+    from training.objective import TimestepSampler, per_sample_loss
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"latent": torch.randn(48, 3, 4, 4, generator=g), "context": torch.randn(8, 4096, generator=g)}
+            for _ in range(4)]
+    moe = mf.random_moe(LAYERS, seed=4)
+    dit = trainable(dit_files["ti2v"], moe)
+    shares = {}
+    for p in (0.0, 0.5, 1.0):
+        trainer = Trainer(DiTSet([dit]), data, TimestepSampler(), LoopSettings(start_frame_probability=p),
+                          tmp_path / f"p{p}", {})
+        rows = [trainer._prepare_row(i) for i in range(64)]
+        shares[p] = sum(r["start_frame"] for r in rows) / len(rows)
+        again = trainer._prepare_row(5)
+        assert again["start_frame"] == rows[5]["start_frame"] and torch.equal(again["noise"], rows[5]["noise"])
+        for _, chunk in trainer._groups(rows[:8]):
+            assert len({r["start_frame"] for r in chunk}) == 1
+    assert shares[0.0] == 0.0 and shares[1.0] == 1.0 and 0.3 < shares[0.5] < 0.7
+    sample = trainer.flow_sample(dit, rows[:1])
+    with torch.no_grad(), dit.adapters(torch.zeros(1, 5)):
+        pred = dit.predict_sample(sample, data[0]["context"][None])
+    moved = pred.clone()
+    moved[:, :, 0] += 5.0
+    assert torch.equal(per_sample_loss(pred, sample.target, sample.loss_weights),
+                       per_sample_loss(moved, sample.target, sample.loss_weights))
+    dit.release()
+    t2v_dit = TrainableDiT("default", load_dit(_write_dit(tmp_path / "t2v.safetensors", "t2v", 0)),
+                           AdapterBank.from_adapter_set(moe.sets["default"], len(NAMES), [1]), (0.0, 1.0),
+                           Placement(torch.device("cpu"), torch.device("cpu"), offload_idle=False))
+    t2v_data = [{"latent": d["latent"][:16], "context": d["context"]} for d in data]
+    row = Trainer(DiTSet([t2v_dit]), t2v_data, TimestepSampler(), LoopSettings(), tmp_path / "t2v", {})._prepare_row(0)
+    assert "start_frame" not in row
+    t2v_dit.release()
+
+
+def test_validation_renders_are_refused_for_image_to_video_families(dit_files, tmp_path):
+    from training.stage1 import TrainingSetupError, setup_stage1
+
+    cfg = _cfg(model={"dit": str(dit_files["ti2v"])},
+               data={"vae": str(tmp_path / "wan2.2_vae.safetensors")}, output={"render_every": 5, "dir": str(tmp_path)})
+    with pytest.raises(TrainingSetupError, match="output.render_every.*TI2V 5B"):
+        setup_stage1(cfg, log_fn=QUIET)

@@ -47,6 +47,18 @@ class DiTFileInfo:
     ffn_dim: int
     num_layers: int
 
+    @property
+    def family(self) -> str:
+        """The WAN 2.2 family (``moe_core.families``) from the patch embedding's input and the head's output
+        channels: ``t2v`` (16/16), ``i2v`` (36/16) or ``ti2v`` (48/48, the 5B model: dim 3072, 30 blocks)."""
+        from moe_core.families import family_from_dims
+
+        patch = next((s for k, (_, s) in self.tensors.items() if k.endswith("patch_embedding.weight")), None)
+        head = next((s for k, (_, s) in self.tensors.items() if k.endswith("head.head.weight")), None)
+        if patch is None:
+            return "t2v"
+        return family_from_dims(patch[1], None if head is None else head[0] // 4, str(self.path)).name
+
     def _sizes(self, weight_dtype: str, cuda: bool):
         """(key, elements, bytes per element in the file, bytes per element once loaded) per tensor."""
         fp8_file = any(d.startswith("F8") for d, _ in self.tensors.values())

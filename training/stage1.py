@@ -263,7 +263,7 @@ def memory_plan(cfg, device, log_fn: Callable[[str], None] = print):
     first = min(int(n.split(".")[1]) for n in modules) if modules else info.num_layers
     from moe_core.families import FAMILIES
 
-    fam = FAMILIES.get(cfg.data.family, FAMILIES["t2v"])
+    fam = FAMILIES[cfg.data.family if cfg.data.family != "auto" else info.family]
     frames = cfg.data.max_frames or fam.frames
     cell = 2 * fam.spatial_compression  # pixels per DiT token side: the VAE's compression x the 2x2 patches
     tokens = math.ceil(((frames - 1) // 4 + 1) * cfg.data.target_area / cell ** 2)
@@ -578,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.estimate_memory:
             from .determinism import resolve_device
 
+            cfg, _ = resolve_family(cfg)
             memory_plan(cfg, resolve_device(cfg.model.device), print)
             return 0
         if not args.config and not args.demo:
