@@ -246,6 +246,10 @@ def test_equals_comfy_lora_loader(family, family_sd, tmp_path):
     parts = set_parts(moe)
     model = load(family_sd, family)
     plain = run(family, model)
+    if family == "i2v":  # the start image reaches the DiT (36 input channels: concat_latent_image + mask)
+        bare = sample_latent(model, {"samples": torch.zeros(1, 16, 3, 8, 8)}, wan_fixtures.make_context(1),
+                             wan_fixtures.make_context(2), 5)
+        assert (bare - plain).abs().max() > 1e-3
 
     # (a) experts off: LoraLoaderModelOnly with the base LoRA at alpha_base
     ours = run(family, apply_lora_moe(model, moe, alpha_base=0.7))
