@@ -272,3 +272,37 @@ def test_equals_comfy_lora_loader(family, family_sd, tmp_path):
         torch.testing.assert_close(plain[:, :, :1], start, atol=1e-5, rtol=0)
         torch.testing.assert_close(ours[:, :, :1], start, atol=1e-5, rtol=0)
         assert (ours[:, :, 1:] - plain[:, :, 1:]).abs().max() > 100 * ATOL
+
+
+# ------------------------------------------------------------------------------------------ the nodes
+
+@pytest.fixture
+def moe_folder(tmp_path):
+    """A temporary `lora_moe` model folder and temp folder registered with ComfyUI's folder_paths."""
+    import folder_paths
+
+    (tmp_path / "lora_moe").mkdir()
+    (tmp_path / "temp").mkdir()
+    old_temp = folder_paths.get_temp_directory()
+    folder_paths.add_model_folder_path("lora_moe", str(tmp_path / "lora_moe"))
+    folder_paths.set_temp_directory(str(tmp_path / "temp"))
+    yield tmp_path / "lora_moe"
+    folder_paths.folder_names_and_paths["lora_moe"][0].remove(str(tmp_path / "lora_moe"))
+    folder_paths.set_temp_directory(old_temp)
+
+
+def test_load_node_refuses_another_family_and_the_band_node_draws_the_i2v_boundary(family_sd, moe_folder):
+    import pack_fixtures
+
+    N = pack_fixtures.import_pack().nodes
+    save_lora_moe(random_moe(seed=8, sets=("high_noise", "low_noise"), model=record("i2v")),
+                  moe_folder / "i2v_pair.safetensors")
+    kw = dict(lora_moe="i2v_pair.safetensors", adapter_set="high-noise", alpha_base=0.7, alpha_expert=1.0)
+    with pytest.raises(ValueError, match=r"^i2v_pair.safetensors \(high-noise set\) was trained for WAN 2.2 I2V "
+                                         r"A14B .* but this model is WAN 2.2 T2V A14B"):
+        N.LoadLoRAMoE.execute(model=load(family_sd, "t2v"), **kw)
+    out = N.LoadLoRAMoE.execute(model=load(family_sd, "i2v"), **kw)
+    assert "[high-noise] on WAN 2.2 I2V A14B (image-to-video):" in out.ui["text"][0]
+    band = N.TimestepBandNode.execute(model=out.args[0], preset="seeds default", start=0.2, mid=0.6, mid_factor=0.5,
+                                      end=1.0, preview_steps=8, preview_shift=5.0)
+    assert band.ui["wlm_schedule"][0]["boundary"] == I2V_BOUNDARY
