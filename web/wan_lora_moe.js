@@ -102,6 +102,11 @@ function setupRouter(node) {
   el.textContent = "type a prompt: the instruments it names are shown here";
   let timer = null;
   const preview = async () => {
+    const source = widget(node, "route_from")?.value ?? "prompt";
+    if (source === "image") {
+      el.textContent = "route_from is image: the gates come from the start image's classifier; run the graph to see them";
+      return;
+    }
     const text = promptText(node);
     if (text === null) {
       el.textContent = "the prompt comes from another node: run the graph to see what was detected";
@@ -118,7 +123,8 @@ function setupRouter(node) {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(query),
       });
       const info = await res.json();
-      if (res.ok) renderGates(el, { ...info, line: info.line && `preview: ${info.line}` });
+      const label = source === "prompt" ? "preview" : "preview of the prompt's half (the image's comes when it runs)";
+      if (res.ok) renderGates(el, { ...info, line: info.line && `${label}: ${info.line}` });
     } catch (e) {
       el.textContent = `preview unavailable: ${e}`;
     }
