@@ -2,6 +2,7 @@
 
     python bench/bench_train_step.py                 # CPU, small model (default)
     python bench/bench_train_step.py --preset a14b   # WAN 2.2 A14B dims (one DiT), 480x832x81, on a GPU
+    python bench/bench_train_step.py --preset ti2v5b # WAN 2.2 TI2V 5B dims, 1280x704x121 (48 channels), on a GPU
     python bench/bench_train_step.py --dim 1024 --layers 12 --frames 5 --height 16 --width 16 --steps 5
 
 Both modes train the same adapters (the seeds' targets: last 8 blocks' self/cross-attention q,k,v,o with
@@ -49,10 +50,15 @@ MODES = {"fused": "this trainer (fused + checkpointing)", "fused_nockpt": "fused
          "stage2": "stage 2: frozen base + 4 experts + router"}
 
 PRESETS = {
-    # dims: DiT width, blocks, FFN width; latent frames/height/width; text tokens
-    "cpu": dict(dim=256, layers=10, ffn=1024, frames=5, height=32, width=32, tokens=64, dtype="fp32"),
-    "a14b": dict(dim=5120, layers=40, ffn=13824, frames=21, height=60, width=104, tokens=512, dtype="bf16"),
+    # dims: DiT width, blocks, FFN width; latent frames/height/width; text tokens; latent channels (in = out)
+    "cpu": dict(dim=256, layers=10, ffn=1024, frames=5, height=32, width=32, tokens=64, dtype="fp32", channels=16),
+    "a14b": dict(dim=5120, layers=40, ffn=13824, frames=21, height=60, width=104, tokens=512, dtype="bf16",
+                 channels=16),
+    # the 5B model: WAN 2.2 VAE (48 channels, 16x), 121 frames -> 31 latent frames, 704x1280 -> 44x80
+    "ti2v5b": dict(dim=3072, layers=30, ffn=14336, frames=31, height=44, width=80, tokens=512, dtype="bf16",
+                   channels=48),
 }
+GPU_PRESETS = ("a14b", "ti2v5b")
 
 
 def _rss_bytes() -> int:
@@ -92,8 +98,9 @@ def build_model(args, device, dtype, init: bool = True):
     import comfy.model_patcher
 
     meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
-    fake = {"head.modulation": meta(1, 2, args.dim), "head.head.weight": meta(16 * 4, args.dim),
-            "blocks.0.ffn.0.weight": meta(args.ffn, args.dim), "patch_embedding.weight": meta(args.dim, 16, 1, 2, 2)}
+    c = args.channels  # 16 (T2V A14B) or 48 (TI2V 5B, detected by ComfyUI as WAN22)
+    fake = {"head.modulation": meta(1, 2, args.dim), "head.head.weight": meta(c * 4, args.dim),
+            "blocks.0.ffn.0.weight": meta(args.ffn, args.dim), "patch_embedding.weight": meta(args.dim, c, 1, 2, 2)}
     for i in range(args.layers):
         fake[f"blocks.{i}.norm3.weight"] = meta(args.dim)
     config = comfy.model_detection.model_config_from_unet(fake, "")
@@ -150,7 +157,7 @@ def run_mode(args) -> dict:
     bank.to(device)
     autocast = torch.bfloat16 if args.dtype == "bf16" else None
     gen = torch.Generator().manual_seed(2)
-    x0 = torch.randn(1, 16, args.frames, args.height, args.width, generator=gen).to(device)
+    x0 = torch.randn(1, args.channels, args.frames, args.height, args.width, generator=gen).to(device)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     ctx = torch.randn(1, args.tokens, 4096, generator=gen).to(device)
     t = torch.tensor([0.6], device=device)
@@ -388,10 +395,10 @@ def policy_report(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    for k in ("dim", "layers", "ffn", "frames", "height", "width", "tokens"):
+    for k in ("dim", "layers", "ffn", "frames", "height", "width", "tokens", "channels"):
         p.add_argument(f"--{k}", type=int)
     p.add_argument("--dtype", choices=["fp32", "bf16"])
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda for a14b, else cpu)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda for a14b and ti2v5b, else cpu)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (their peak memory counts)")
     p.add_argument("--rounds", type=int, default=3,
@@ -413,7 +420,7 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.device is None:
-        args.device = "cuda" if args.preset == "a14b" else "cpu"
+        args.device = "cuda" if args.preset in GPU_PRESETS else "cpu"
     if args.policies:
         return policy_report(args)
     modes = [m for m in args.modes.split(",") if m]
