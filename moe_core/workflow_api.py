@@ -22,15 +22,22 @@ The rules follow the front end (comfyui-frontend-package 1.27, ``graphToPrompt``
   through to the first output of the same type; front-end-only nodes (Note, MarkdownNote, Reroute,
   PrimitiveNode) are not emitted: links through a Reroute are followed, a PrimitiveNode's value is
   written into the inputs it feeds;
-* the API node ids are the UI node ids, as strings.
+* the API node ids are the UI node ids, as strings;
+* a required combo with an upload button (``image_upload``, ``video_upload``, ``animated_image_upload``: e.g.
+  LoadImage) gets the front end's ``upload`` button widget after the node's required inputs: its value
+  (``"image"``) is in ``widgets_values`` but it is no input.
 
-Not supported (raise ``ConversionError``): subgraphs, group nodes, widgets with upload buttons.
+Not supported (raise ``ConversionError``): subgraphs, group nodes, other upload widgets (``file_upload``).
 """
 from __future__ import annotations
 
 from typing import Any
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+#: Combo options for which the front end adds an upload button (its extension Comfy.UploadImage).
+MEDIA_UPLOADS = ("image_upload", "video_upload", "animated_image_upload")
+#: The name of that button widget: saved in widgets_values (value "image"), never an input of the prompt.
+UPLOAD_BUTTON = "upload"
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MUTED, BYPASSED = 2, 4
 
@@ -53,8 +60,19 @@ def has_control_widget(name: str, spec: Any) -> bool:
     return bool(options.get("control_after_generate")) or name in ("seed", "noise_seed")
 
 
+def has_upload_button(info: dict) -> bool:
+    """True if the front end adds its ``upload`` button to this node (a required media combo: LoadImage)."""
+    for spec in info["input"].get("required", {}).values():
+        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if isinstance(spec[0], list) or spec[0] == "COMBO":
+            if any(options.get(k) for k in MEDIA_UPLOADS):
+                return True
+    return False
+
+
 def widget_names(info: dict) -> list[tuple[str, bool]]:
-    """(input name, followed by a control_after_generate widget) for each widget, in front-end order."""
+    """(input name, followed by a control_after_generate widget) for each widget, in front-end order; a node
+    with an upload button has ``UPLOAD_BUTTON`` after its required widgets (a value, no input)."""
     out = []
     for section in ("required", "optional"):
         specs = info["input"].get(section, {})
@@ -62,9 +80,12 @@ def widget_names(info: dict) -> list[tuple[str, bool]]:
             spec = specs[name]
             if is_widget(spec):
                 options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                if any(options.get(k) for k in ("image_upload", "video_upload", "audio_upload", "file_upload")):
+                if any(options.get(k) for k in ("audio_upload", "file_upload")) or (
+                        section == "optional" and any(options.get(k) for k in MEDIA_UPLOADS)):
                     raise ConversionError(f"input '{name}' has an upload widget, which this converter does not map")
                 out.append((name, has_control_widget(name, spec)))
+        if section == "required" and has_upload_button(info):
+            out.append((UPLOAD_BUTTON, False))
     return out
 
 
@@ -114,7 +135,11 @@ def convert(workflow: dict, object_info: dict) -> dict:
             raise ConversionError(f"node {nid} ({kind}) stores widgets_values as a dict (not supported)")
         k = 0
         optional = info["input"].get("optional", {})
+        upload = has_upload_button(info)
         for name, control in widget_names(info):
+            if upload and name == UPLOAD_BUTTON:  # the button's value (if saved) is no input
+                k += 1
+                continue
             if k >= len(values):
                 if name in optional:  # saved before the node had this input: the front end keeps its default
                     continue

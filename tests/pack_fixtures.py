@@ -47,7 +47,7 @@ def import_pack(module_name: str = "wlm_pack"):
 def tiny_adapter_set(name: str, seed: int, expert_names: Sequence[str] = DEFAULT_EXPERT_NAMES,
                      blocks: Sequence[int] = (6, 7, 8, 9), ffn_blocks: Sequence[int] = (8, 9), scale: float = 0.08,
                      router: bool = True, fingerprint: list[float] | None = None,
-                     sigma_range: tuple[float, float] | None = None) -> AdapterSet:
+                     sigma_range: tuple[float, float] | None = None, model: dict | None = None) -> AdapterSet:
     g = torch.Generator().manual_seed(seed)
 
     def adapter(fin: int, fout: int, rank: int) -> Adapter:
@@ -68,7 +68,8 @@ def tiny_adapter_set(name: str, seed: int, expert_names: Sequence[str] = DEFAULT
             for p in r.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         router_sd = {k: v.detach().clone() for k, v in r.state_dict().items()}
-    return AdapterSet(name, modules, router=router_sd, fingerprint=fingerprint, sigma_range=sigma_range)
+    return AdapterSet(name, modules, router=router_sd, fingerprint=fingerprint, sigma_range=sigma_range,
+                      model=dict(model or {}))
 
 
 def tiny_a14b_moe(fingerprints: dict[str, list[float]] | None = None, router: bool = True,
@@ -82,6 +83,34 @@ def tiny_a14b_moe(fingerprints: dict[str, list[float]] | None = None, router: bo
                                       sigma_range=(0.0, 0.875)),
     }
     return LoraMoE(list(expert_names), sets)
+
+
+def tiny_model_record(family: str) -> dict:
+    """The `model` record of a set made for ``wan_fixtures.tiny_wan_state_dict(family=...)`` (10 blocks of 128)."""
+    from moe_core.families import FAMILIES
+
+    fam = FAMILIES[family]
+    return {"dim": 128, "num_layers": 10, "ffn_dim": 256, "in_dim": fam.in_dim, "out_dim": fam.out_dim,
+            "family": family}
+
+
+def tiny_family_moe(family: str, fingerprints: dict[str, list[float]] | None = None) -> LoraMoE:
+    """A LoRA-MoE for the tiny DiT(s) of an image-to-video family, recording it: ``i2v`` a high_noise +
+    low_noise pair switching at the I2V boundary t = 0.9 (pass fingerprints for 'auto'), ``ti2v`` one
+    ``default`` set."""
+    from moe_core.families import FAMILIES
+
+    model = tiny_model_record(family)
+    fp = fingerprints or {}
+    boundary = FAMILIES[family].boundary
+    if FAMILIES[family].pair:
+        sets = {"high_noise": tiny_adapter_set("high_noise", 21, fingerprint=fp.get("high_noise"),
+                                               sigma_range=(boundary, 1.0), model=model),
+                "low_noise": tiny_adapter_set("low_noise", 22, fingerprint=fp.get("low_noise"),
+                                              sigma_range=(0.0, boundary), model=model)}
+    else:
+        sets = {"default": tiny_adapter_set("default", 23, fingerprint=fp.get("default"), model=model)}
+    return LoraMoE(list(DEFAULT_EXPERT_NAMES), sets)
 
 
 def tiny_single_moe(router: bool = False) -> LoraMoE:

@@ -8,6 +8,15 @@
     <tmp>/models/lora_moe/tiny_a14b.safetensors           high_noise + low_noise sets, fingerprints, routers
     <tmp>/models/lora_moe/{tiny_single,broken_header,truncated}.safetensors   for the error tests
     <tmp>/models/vae/wan21_vae_random.safetensors         the real WAN 2.1 VAE architecture, random weights
+    <tmp>/models/diffusion_models/tiny_wan_i2v_{high,low}_noise.safetensors, tiny_wan_ti2v_5b.safetensors
+                                                          tiny I2V A14B-layout pair (36 input channels) and TI2V
+                                                          5B-layout DiT (48 channels), ``wan_fixtures``
+    <tmp>/models/lora_moe/tiny_{i2v_a14b,ti2v_5b}.safetensors  LoRA-MoE files recording those families
+    <tmp>/input/surgical_start_frame.png                  the image-to-video workflows' start frame (shipped
+                                                          in workflows/; LoadImage lists input/)
+
+The random WAN 2.2 VAE (1.4 GB file, ~5.5 GB resident once loaded) is only linked in by ``link_wan22_vae``,
+from the TI2V test, which must run under ``flock /tmp/wan22_vae.lock`` on a shared machine.
 
 and runs ComfyUI on it with ``training.comfy_server.ComfyServer`` (the demo's server): ``python main.py --cpu
 --listen 127.0.0.1 --port <free> --base-directory <tmp> --disable-auto-launch --database-url
@@ -58,6 +67,13 @@ BROKEN_HEADER = "broken_header.safetensors"
 TRUNCATED = "truncated.safetensors"
 NAN_WEIGHTS = "nan_weights.safetensors"  # a valid header over a NaN tensor: fails when loaded
 TINY_VAE = "wan21_vae_random.safetensors"
+TINY_I2V_HIGH = "tiny_wan_i2v_high_noise.safetensors"
+TINY_I2V_LOW = "tiny_wan_i2v_low_noise.safetensors"
+TINY_TI2V = "tiny_wan_ti2v_5b.safetensors"
+TINY_MOE_I2V = "tiny_i2v_a14b.safetensors"
+TINY_MOE_TI2V = "tiny_ti2v_5b.safetensors"
+TINY_VAE22 = "wan22_vae_random.safetensors"  # linked by link_wan22_vae() only
+START_FRAME = "surgical_start_frame.png"  # shipped in workflows/, copied to the server's input/
 FIXTURE_ENCODER = "WLMTestTextEncode"
 
 # Test sizes: 32x32 pixels (16x16 per tile for the six-render comparison sheet: the real-size WAN VAE
@@ -151,6 +167,16 @@ def write_models(models: Path) -> None:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(models / "diffusion_models" / name))
         fingerprints[set_name] = model_fingerprint(wan_fixtures.load_tiny_wan(sd))
     pack_fixtures.write_moe(pack_fixtures.tiny_a14b_moe(fingerprints), models / "lora_moe" / TINY_MOE)
+    # Image-to-video families: an I2V A14B-layout pair (seeds 2, 3) and a TI2V 5B-layout DiT (seed 4).
+    for family, dits, moe_name in (("i2v", ((2, TINY_I2V_HIGH, "high_noise"), (3, TINY_I2V_LOW, "low_noise")),
+                                    TINY_MOE_I2V),
+                                   ("ti2v", ((4, TINY_TI2V, "default"),), TINY_MOE_TI2V)):
+        fps = {}
+        for seed, name, set_name in dits:
+            sd = wan_fixtures.tiny_wan_state_dict(seed, family=family)
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(models / "diffusion_models" / name))
+            fps[set_name] = model_fingerprint(wan_fixtures.load_tiny_wan(sd))
+        pack_fixtures.write_moe(pack_fixtures.tiny_family_moe(family, fps), models / "lora_moe" / moe_name)
     pack_fixtures.write_moe(pack_fixtures.tiny_single_moe(), models / "lora_moe" / TINY_SINGLE)
     (models / "lora_moe" / BROKEN_HEADER).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     good = (models / "lora_moe" / TINY_MOE).read_bytes()
@@ -159,12 +185,23 @@ def write_models(models: Path) -> None:
     key = sorted(tensors)[0]
     tensors[key] = torch.full_like(tensors[key], float("nan"))
     save_file(tensors, str(models / "lora_moe" / NAN_WEIGHTS), metadata=header)
-    vae, dst = cached_vae_file(), models / "vae" / TINY_VAE
-    if not dst.exists():
-        try:
-            os.link(vae, dst)
-        except OSError:
-            shutil.copyfile(vae, dst)
+    _link(cached_vae_file(), models / "vae" / TINY_VAE)
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        dst.symlink_to(src)
+
+
+def link_wan22_vae(base: Path) -> str:
+    """Put the cached random WAN 2.2 VAE (``wan_fixtures.wan22_vae_file``, built on first use) into the server's
+    models/vae and return its name there. Loading it takes ~5.5 GB: hold /tmp/wan22_vae.lock on a shared machine."""
+    _link(wan_fixtures.wan22_vae_file(), base / "models" / "vae" / TINY_VAE22)
+    return TINY_VAE22
 
 
 # --------------------------------------------------------------------------------------------- server
@@ -190,6 +227,8 @@ class ComfyServer(comfy_server.ComfyServer):
         fixture.mkdir(exist_ok=True)
         (fixture / "__init__.py").write_text(FIXTURE_NODE)
         write_models(self.base / "models")
+        (self.base / "input").mkdir(exist_ok=True)
+        shutil.copyfile(WORKFLOW_DIR / START_FRAME, self.base / "input" / START_FRAME)
         user = self.base / "user" / "default"
         for d in ("workflows", "subgraphs"):
             (user / d).mkdir(parents=True, exist_ok=True)
@@ -256,17 +295,26 @@ def _override(node_id: str, node: dict, name: str, changes: list[str]) -> dict |
     if kind == "CLIPTextEncode":
         changes.append(f"{node_id} CLIPTextEncode -> {FIXTURE_ENCODER} (same text, no clip input)")
         return {"class_type": FIXTURE_ENCODER, "inputs": {"text": inputs["text"]}, "_meta": node.get("_meta", {})}
-    if kind == "UNETLoader":
-        setv("unet_name", TINY_HIGH if "high" in inputs["unet_name"] else TINY_LOW)
+    if kind == "UNETLoader":  # (ti2v before i2v: one name contains the other)
+        unet = inputs["unet_name"]
+        if "ti2v" in unet:
+            setv("unet_name", TINY_TI2V)
+        elif "i2v" in unet:
+            setv("unet_name", TINY_I2V_HIGH if "high" in unet else TINY_I2V_LOW)
+        else:
+            setv("unet_name", TINY_HIGH if "high" in unet else TINY_LOW)
     elif kind == "VAELoader":
-        setv("vae_name", TINY_VAE)
+        setv("vae_name", TINY_VAE22 if "wan2.2_vae" in inputs["vae_name"] else TINY_VAE)
     elif kind == "WanLoRAMoE_LoadLoRAMoE":
-        setv("lora_moe", TINY_MOE)
-    elif kind == "EmptyHunyuanLatentVideo":
+        file = inputs["lora_moe"]
+        setv("lora_moe", TINY_MOE_TI2V if "ti2v" in file else TINY_MOE_I2V if "i2v" in file else TINY_MOE)
+    elif kind in ("EmptyHunyuanLatentVideo", "WanImageToVideo", "Wan22ImageToVideoLatent"):
         width, height = test_size(name)
         setv("width", width)
         setv("height", height)
         setv("length", TEST_LENGTH)
+    elif kind == "KSampler":
+        setv("steps", TEST_STEPS)
     elif kind == "KSamplerAdvanced":
         steps = inputs["steps"]
         setv("steps", TEST_STEPS)

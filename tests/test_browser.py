@@ -181,30 +181,36 @@ async def _session(server: H.ComfyServer, chromium: str) -> dict:
     return rec
 
 
-def update_docs_images() -> None:
-    """Copy the screenshots the README uses into docs/images and write the template browser's thumbnails
-    (workflows/<name>.jpg, the name the front end asks for). Only with WLM_UPDATE_DOCS_IMAGES=1."""
+def graph_only(path):
+    """The screenshot cropped to the drawn graph (no side bar, menu or empty canvas)."""
     from PIL import Image
 
-    def graph_only(path):
-        """The screenshot cropped to the drawn graph (no side bar, menu or empty canvas)."""
-        shot = Image.open(path).convert("RGB")
-        canvas = shot.crop((70, 80, shot.width, shot.height - 60))
-        box = canvas.convert("L").point(lambda v: 255 if v > 70 else 0).getbbox()
-        if box:
-            pad = 16
-            canvas = canvas.crop((max(0, box[0] - pad), max(0, box[1] - pad), min(canvas.width, box[2] + pad),
-                                  min(canvas.height, box[3] + pad)))
-        return canvas
+    shot = Image.open(path).convert("RGB")
+    canvas = shot.crop((70, 80, shot.width, shot.height - 60))
+    box = canvas.convert("L").point(lambda v: 255 if v > 70 else 0).getbbox()
+    if box:
+        pad = 16
+        canvas = canvas.crop((max(0, box[0] - pad), max(0, box[1] - pad), min(canvas.width, box[2] + pad),
+                              min(canvas.height, box[3] + pad)))
+    return canvas
 
+
+def write_thumbnail(name: str) -> None:
+    """workflows/<name>.jpg (the name the template browser asks for) from this session's screenshot."""
+    thumb = graph_only(H.ARTIFACTS / f"{name}.png")
+    thumb.thumbnail((800, 800))
+    thumb.save(H.WORKFLOW_DIR / f"{name}.jpg", quality=85)
+
+
+def update_docs_images() -> None:
+    """Copy the screenshots the README uses into docs/images and write the template browser's thumbnails
+    (workflows/<name>.jpg). Only with WLM_UPDATE_DOCS_IMAGES=1."""
     docs = H.REPO_ROOT / "docs" / "images"
     docs.mkdir(parents=True, exist_ok=True)
     graph_only(H.ARTIFACTS / f"{A14B}.png").save(docs / "a14b_workflow.png", optimize=True)
     graph_only(H.ARTIFACTS / f"{A14B}_after_run.png").save(docs / "a14b_workflow_after_run.png", optimize=True)
     for name in H.workflow_names():
-        thumb = graph_only(H.ARTIFACTS / f"{name}.png")
-        thumb.thumbnail((800, 800))
-        thumb.save(H.WORKFLOW_DIR / f"{name}.jpg", quality=85)
+        write_thumbnail(name)
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +229,8 @@ def test_every_bundled_workflow_loads_with_no_missing_nodes(session, server):
     for name in H.workflow_names():  # the template browser shows <name>.jpg beside each workflow
         status, _ = server.get(f"/api/workflow_templates/{urllib.parse.quote(PACK)}/{name}.jpg")
         assert status == 200, f"no thumbnail workflows/{name}.jpg (regenerate with WLM_UPDATE_DOCS_IMAGES=1)"
-    assert len(session["workflows"]) == 3
+    assert sorted(session["workflows"]) == sorted([A14B, f"{A14B}_gate_override", "wan22_a14b_lora_moe_comparison_sheet",
+                                                   "wan22_i2v_a14b_lora_moe", "wan22_ti2v_5b_lora_moe"])
     for name, wf in session["workflows"].items():
         assert wf["missing"] == [], f"{name}: missing node types {wf['missing']}"
         assert all(n["registered"] for n in wf["nodes"]), name

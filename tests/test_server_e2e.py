@@ -14,18 +14,21 @@ import json
 import time
 import urllib.parse
 
+from pathlib import Path
+
 import imageio_ffmpeg
 import numpy as np
 import pytest
 
 import server_harness as H
+from moe_core import workflow_api as ui_to_api
 
 PACK = H.PACK_DIR
 NODES = {
     "WanLoRAMoE_LoadLoRAMoE": ("Load LoRA-MoE", ["model", "lora_moe", "adapter_set", "alpha_base", "alpha_expert"],
                                ["routing", "uncond"]),
     "WanLoRAMoE_PromptRouter": ("Prompt→Instrument Router", ["prompt", "mode", "top_k", "temperature"],
-                                ["no_instrument"]),
+                                ["no_instrument", "image", "route_from", "classifier", "classifier_sha256"]),
     "WanLoRAMoE_GateOverride": ("Gate Override", ["instrument", "scissors", "hook_electrocautery", "suction", "other"],
                                 ["routing"]),
     "WanLoRAMoE_TimestepBand": ("Timestep Band", ["model", "preset", "start", "mid", "mid_factor", "end",
@@ -33,6 +36,9 @@ NODES = {
 }
 A14B, OVERRIDE, SHEET = ("wan22_a14b_t2v_lora_moe", "wan22_a14b_t2v_lora_moe_gate_override",
                          "wan22_a14b_lora_moe_comparison_sheet")
+I2V, TI2V = "wan22_i2v_a14b_lora_moe", "wan22_ti2v_5b_lora_moe"
+#: ComfyUI's own templates (package comfyui-workflow-templates) each image-to-video workflow follows.
+CORE_TEMPLATES = {I2V: "video_wan2_2_14B_i2v", TI2V: "video_wan2_2_5B_ti2v"}
 TIMINGS: dict[str, float] = {}
 
 
@@ -88,18 +94,22 @@ def test_object_info_lists_the_four_nodes(server):
                 assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert d["python_module"] == f"custom_nodes.{PACK}"
     options = info["WanLoRAMoE_LoadLoRAMoE"]["input"]["required"]["lora_moe"][1]["options"]
-    assert [o for o in options if "/" not in o] == [  # (test_server_load.py adds files in a subfolder)
-        H.BROKEN_HEADER, H.NAN_WEIGHTS, H.TINY_MOE, H.TINY_SINGLE, H.TRUNCATED]
+    assert [o for o in options if "/" not in o] == sorted([  # (test_server_load.py adds files in a subfolder)
+        H.BROKEN_HEADER, H.NAN_WEIGHTS, H.TINY_MOE, H.TINY_SINGLE, H.TRUNCATED, H.TINY_MOE_I2V, H.TINY_MOE_TI2V])
     assert info["WanLoRAMoE_LoadLoRAMoE"]["input"]["optional"]["routing"][0] == "LORA_MOE_ROUTING"
     assert info["WanLoRAMoE_PromptRouter"]["output"] == ["LORA_MOE_ROUTING", "STRING"]
 
 
 def test_workflows_and_web_files_are_served(server):
     status, listing = server.get("/workflow_templates")
-    assert status == 200 and sorted(listing[PACK]) == H.workflow_names() == sorted([A14B, OVERRIDE, SHEET])
+    assert status == 200 and sorted(listing[PACK]) == H.workflow_names() == sorted([A14B, OVERRIDE, SHEET, I2V, TI2V])
     for name in H.workflow_names():
         status, served = server.get(f"/api/workflow_templates/{urllib.parse.quote(PACK)}/{name}.json")
         assert status == 200 and served == H.load_workflow(name)
+    # The start frame the image-to-video workflows load: shipped beside them, found by LoadImage in input/.
+    status, _ = server.get(f"/api/workflow_templates/{urllib.parse.quote(PACK)}/{H.START_FRAME}")
+    assert status == 200
+    assert H.START_FRAME in server.object_info()["LoadImage"]["input"]["required"]["image"][0]
     status, extensions = server.get("/extensions")
     assert f"/extensions/{PACK}/wan_lora_moe.js" in extensions and f"/extensions/{PACK}/schedule.js" in extensions
     status, _ = server.get(f"/extensions/{PACK}/wan_lora_moe.js")
@@ -153,6 +163,162 @@ def test_comparison_sheet_renders_six_different_tiles(server):
     for i in range(6):
         for j in range(i + 1, 6):
             assert np.abs(tiles[i] - tiles[j]).mean() > 0.5, f"tiles {i} and {j} are the same render"
+
+
+# ---------------------------------------------------------------------- image-to-video (I2V A14B, TI2V 5B)
+
+def _core_template(name: str) -> dict:
+    from comfyui_workflow_templates import get_templates_path
+
+    return json.loads((Path(get_templates_path()) / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def _values(workflow: dict, node_type: str) -> list[list]:
+    return [n["widgets_values"] for n in workflow["nodes"] if n["type"] == node_type]
+
+
+def test_image_to_video_workflows_follow_comfyuis_templates():
+    """Model files (and their download URLs), sampling and clip format as in ComfyUI's own templates for these
+    models (package comfyui-workflow-templates); only the I2V size differs (832x480, WAN's 480p, for the
+    template's low-memory 640x640)."""
+    for name, core_name in CORE_TEMPLATES.items():
+        ours, core = H.load_workflow(name), _core_template(core_name)
+        for kind in ("UNETLoader", "VAELoader", "CLIPLoader", "CreateVideo", "ModelSamplingSD3"):
+            for v in _values(ours, kind):
+                assert v in _values(core, kind), f"{name}: {kind} {v} not among the template's {_values(core, kind)}"
+
+        def models(wf):
+            return {(m["name"], m["url"], m["directory"]) for n in wf["nodes"]
+                    for m in n.get("properties", {}).get("models", [])}
+        assert models(ours) <= models(core), f"{name}: {models(ours) - models(core)}"
+        assert len({m[0] for m in models(ours)}) == (4 if name == I2V else 3)  # DiT(s), text encoder, VAE
+    i2v, core = H.load_workflow(I2V), _core_template(CORE_TEMPLATES[I2V])
+    full = [v for v in _values(core, "KSamplerAdvanced") if v[3] == 20]  # the template's 20-step pair
+    assert [v[3:] for v in _values(i2v, "KSamplerAdvanced")] == [v[3:] for v in sorted(full, key=lambda v: v[7])]
+    assert [v[2:] for v in _values(i2v, "WanImageToVideo")] == [v[2:] for v in _values(core, "WanImageToVideo")][:1]
+    ti2v, core = H.load_workflow(TI2V), _core_template(CORE_TEMPLATES[TI2V])
+    assert [v[2:] for v in _values(ti2v, "KSampler")] == [v[2:] for v in _values(core, "KSampler")]
+    assert _values(ti2v, "Wan22ImageToVideoLatent") == _values(core, "Wan22ImageToVideoLatent")
+    for wf in (i2v, ti2v):
+        assert _values(wf, "LoadImage") == [[H.START_FRAME, "image"]]
+
+
+def test_a14b_splits_sit_where_t_crosses_the_pairs_boundary(server):
+    """Every bundled A14B pair hands over from the high- to the low-noise DiT at the first step whose noise
+    level is below its family's boundary (T2V 0.875, I2V 0.9), by ComfyUI's own sigmas for the workflow's
+    shift, scheduler and steps."""
+    import comfy.model_sampling
+    import comfy.samplers
+
+    from moe_core.families import FAMILIES
+
+    class FlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass  # what ModelSamplingSD3 installs
+
+    for name, family in ((A14B, "t2v"), (OVERRIDE, "t2v"), (SHEET, "t2v"), (I2V, "i2v")):
+        prompt = ui_to_api.convert(H.load_workflow(name), server.object_info())
+        (shift,) = {n["inputs"]["shift"] for n in prompt.values() if n["class_type"] == "ModelSamplingSD3"}
+        for nid in nodes_of(prompt, "KSamplerAdvanced"):
+            ks = prompt[nid]["inputs"]
+            if ks["add_noise"] != "enable":
+                continue
+            sampling = FlowSampling(None)
+            sampling.set_parameters(shift=shift, multiplier=1000)
+            sigmas = comfy.samplers.calculate_sigmas(sampling, ks["scheduler"], ks["steps"])
+            above = int((sigmas[:-1] >= FAMILIES[family].boundary).sum())
+            assert ks["end_at_step"] == above, (f"{name}: the high-noise sampler ends at step {ks['end_at_step']}, "
+                                                f"but {above} steps start at t >= {FAMILIES[family].boundary}")
+            low = [prompt[k]["inputs"] for k in nodes_of(prompt, "KSamplerAdvanced")
+                   if prompt[k]["inputs"]["latent_image"] == [nid, 0]]
+            assert [lo["start_at_step"] for lo in low] == [above]
+
+
+def _refusal(server, prompt: dict) -> tuple[set[str], str]:
+    """(nodes, messages) of a prompt refused at validation (HTTP 400) or failing when run."""
+    status, body = server.post_prompt(prompt)
+    if status == 400:
+        errors = body.get("node_errors", {})
+        return set(errors), " ".join(e["details"] for v in errors.values() for e in v["errors"])
+    assert status == 200, body
+    err = error_of(server.wait(body["prompt_id"]))
+    return {err["node_id"]}, err["exception_message"]
+
+
+def test_i2v_workflow_renders_an_mp4_from_the_start_frame(server):
+    entry, prompt, changes = run_workflow(server, I2V)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (image,) = nodes_of(prompt, "LoadImage")
+    (cond,) = nodes_of(prompt, "WanImageToVideo")
+    assert prompt[image]["inputs"]["image"] == H.START_FRAME and prompt[cond]["inputs"]["start_image"] == [image, 0]
+    for nid in nodes_of(prompt, "KSamplerAdvanced"):  # both DiTs get the image-carrying conditionings
+        assert prompt[nid]["inputs"]["positive"] == [cond, 0] and prompt[nid]["inputs"]["negative"] == [cond, 1]
+    meta, frames = read_mp4(H.output_files(entry, server.base)[0])
+    assert meta["size"] == (H.TEST_WIDTH, H.TEST_HEIGHT) and meta["fps"] == 16.0
+    assert frames.shape == (H.TEST_LENGTH, H.TEST_HEIGHT, H.TEST_WIDTH, 3) and frames.std() > 1.0
+    router = entry["outputs"][nodes_of(prompt, "WanLoRAMoE_PromptRouter")[0]]["wlm_routing"][0]
+    assert router["detected"] == ["Hook/Electrocautery", "Suction"]
+    for nid in nodes_of(prompt, "WanLoRAMoE_LoadLoRAMoE"):  # 'auto' finds each DiT's set
+        unet = prompt[prompt[nid]["inputs"]["model"][0]]["inputs"]["unet_name"]
+        text = entry["outputs"][nid]["text"][0]
+        want = "[high-noise]" if unet == H.TINY_I2V_HIGH else "[low-noise]"
+        assert text.startswith(f"{H.TINY_MOE_I2V} {want}") and "Hook/Electrocautery 0.50" in text, text
+    # A file made for another family is refused on these DiTs, naming both.
+    nodes, message = _refusal(server, _set(_set(prompt, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.TINY_MOE_TI2V),
+                                           "SaveVideo", filename_prefix="video/refused"))
+    assert nodes <= set(nodes_of(prompt, "WanLoRAMoE_LoadLoRAMoE")) and nodes, nodes
+    assert "TI2V 5B" in message and "I2V A14B" in message and str(server.base) not in message, message
+
+
+def test_ti2v_workflow_keeps_the_start_frame_and_its_experts_act(server):
+    """TI2V 5B on the random WAN 2.2 VAE (hold /tmp/wan22_vae.lock on a shared machine: ~5.5 GB): an mp4 at
+    24 fps; latent frame 0 (the start frame, masked by Wan22ImageToVideoLatent) comes out as ComfyUI's node
+    encoded it while the generated frames change; and the experts act on the generated frames (their gates
+    follow the sampler's noise level, not the start frame's t = 0): the same graph with the experts off (base
+    LoRA only) gives other generated frames."""
+    H.link_wan22_vae(server.base)
+    base = _base_prompt(server, TI2V)
+    (latent_node,) = nodes_of(base, "Wan22ImageToVideoLatent")
+    (image,) = nodes_of(base, "LoadImage")
+    assert base[latent_node]["inputs"]["start_image"] == [image, 0] and base[image]["inputs"]["image"] == H.START_FRAME
+    prompt = _with_saved_latent(base, "latents/ti2v")
+    prompt["wlm_save_start"] = {"class_type": "SaveLatent",
+                                "inputs": {"samples": [latent_node, 0], "filename_prefix": "latents/ti2v_start"}}
+    try:
+        t0 = time.monotonic()
+        entry = server.run(prompt)
+        TIMINGS[f"run_{TI2V}_s"] = round(time.monotonic() - t0, 2)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        video = [f for f in H.output_files(entry, server.base) if f.suffix == ".mp4"]
+        meta, frames = read_mp4(video[0])
+        assert meta["size"] == (H.TEST_WIDTH, H.TEST_HEIGHT) and meta["fps"] == 24.0
+        assert frames.shape == (H.TEST_LENGTH, H.TEST_HEIGHT, H.TEST_WIDTH, 3) and frames.std() > 1.0
+        (loader,) = nodes_of(base, "WanLoRAMoE_LoadLoRAMoE")
+        text = entry["outputs"][loader]["text"][0]
+        assert text.startswith(f"{H.TINY_MOE_TI2V} [single-DiT]") and "Hook/Electrocautery 0.50" in text, text
+        sampled = _saved_latent(entry, server)
+        start = _saved_latent({"outputs": {"wlm_save_latent": entry["outputs"]["wlm_save_start"]}}, server)
+        assert sampled.shape == start.shape == (1, 48, 2, H.TEST_HEIGHT // 16, H.TEST_WIDTH // 16)
+        # uni_pc's multistep update is not exactly the masked prediction, so frame 0 keeps a small residual
+        # (measured: 0.3% of the start latent's mean magnitude) while the generated frames move by more than it.
+        scale = float(start[:, :, 0].abs().mean())
+        kept = float((sampled[:, :, 0] - start[:, :, 0]).abs().mean())
+        changed = float((sampled[:, :, 1:] - start[:, :, 1:]).abs().mean())
+        assert kept < 0.01 * scale and changed > max(100 * kept, scale), (kept, changed, scale)
+        # Experts off: no routing into the loader; sampling only (no decode), a new SaveLatent prefix.
+        off = _with_saved_latent(base, "latents/ti2v_experts_off")
+        del off[loader]["inputs"]["routing"]
+        for kind in ("VAEDecode", "CreateVideo", "SaveVideo"):
+            for nid in nodes_of(off, kind):
+                del off[nid]
+        entry_off = server.run(off)
+        assert entry_off["status"]["status_str"] == "success", entry_off["status"]
+        sampled_off = _saved_latent(entry_off, server)
+        assert float((sampled_off[:, :, 0] - start[:, :, 0]).abs().mean()) < 0.01 * scale
+        effect = float((sampled_off[:, :, 1:] - sampled[:, :, 1:]).abs().mean())
+        TIMINGS["ti2v_expert_effect_on_latent_mean_abs"] = round(effect, 5)
+        assert effect > 1e-3, f"the experts should change the generated frames (mean |diff| {effect:.2e})"
+    finally:  # give the WAN 2.2 VAE's memory back before the next tests
+        server.request("POST", "/free", {"unload_models": True, "free_memory": True})
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
