@@ -11,6 +11,7 @@ stage-2 gates (the pack's LoRA-MoE patch as the sampler runs it) all match.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -341,6 +342,21 @@ def test_stage1_and_stage2_cli_runs_write_files_of_the_family(family, dit_files,
     t2v = wan_fixtures.load_tiny_wan(wan_fixtures.tiny_wan_state_dict(0, num_layers=LAYERS))
     with pytest.raises(Exception, match="family|trained for"):
         apply_lora_moe(t2v, moe, adapter_set=sets[-1])
+    # the trainer refuses them too, as a stage-1 start (lora.init_weights) or stage 2's base / --init-moe
+    from training.adapters import AdapterConfigError
+    from training.config import config_from_dict
+    from training.init_lora import read_init_adapters
+    from training.stage2 import BaseLoraError, Stage2Hooks
+    from training.stage2_config import Stage2Config
+
+    dm = t2v.model.diffusion_model
+    with pytest.raises(AdapterConfigError, match=f"trained for {re.escape(fam.title)}"):
+        read_init_adapters(loras[sets[-1]], sets[-1], "lora.init_weights", dm)
+    cfg = config_from_dict(Stage2Config, _run_config(tmp_path, family, dit_files, manifest, out2, 2), "test")
+    with pytest.raises(BaseLoraError, match=f"trained for {re.escape(fam.title)}"):
+        Stage2Hooks(cfg, {"*": loras[sets[-1]]}, None, QUIET)._base_for(sets[-1], dm)
+    with pytest.raises(BaseLoraError, match=f"trained for {re.escape(fam.title)}"):
+        Stage2Hooks(cfg, {}, next(out2.glob("*.safetensors")), QUIET).make_bank(sets[-1], dm, None, 0)
 
 
 # ------------------------------------------------------------------------ configs, checks, start frames

@@ -54,11 +54,18 @@ def resolve_lora_path(spec: str, key: str) -> Path:
                              "models/loras)")
 
 
-def read_init_adapters(path: Path, dit_name: str, key: str) -> dict[str, Adapter]:
-    """The adapters of a plain LoRA, or the base adapters of a LoRA-MoE file's set for ``dit_name``."""
+def read_init_adapters(path: Path, dit_name: str, key: str, diffusion_model=None) -> dict[str, Adapter]:
+    """The adapters of a plain LoRA, or the base adapters of a LoRA-MoE file's set for ``dit_name``; a file that
+    records another model family than ``diffusion_model``'s (when given) is refused."""
+    from .models import recorded_family_problem
+
     try:
         tensors, header = read_safetensors(path)
         if METADATA_KEY not in header:
+            problem = (recorded_family_problem(f"{key} = {path}", header.get("wan_lora_moe_model"), diffusion_model)
+                       if diffusion_model is not None else None)
+            if problem:
+                raise AdapterConfigError(problem)
             return parse_lora(tensors, source=str(path))
         moe = load_lora_moe(path)
     except LoraMoEFormatError as e:
@@ -67,6 +74,10 @@ def read_init_adapters(path: Path, dit_name: str, key: str) -> dict[str, Adapter
     if aset is None:
         raise AdapterConfigError(f"{key} = {path}: a LoRA-MoE file with sets {list(moe.sets)} and none for the "
                                  f"{dit_name} DiT")
+    problem = (recorded_family_problem(f"{key} = {path}", aset.model, diffusion_model)
+               if diffusion_model is not None else None)
+    if problem:
+        raise AdapterConfigError(problem)
     out = {m: pa.base for m, pa in aset.modules.items() if pa.base is not None}
     if not out:
         raise AdapterConfigError(f"{key} = {path}: the LoRA-MoE file has no base adapters")
@@ -113,10 +124,11 @@ def apply_init_adapters(bank: AdapterBank, adapters: dict[str, Adapter], source:
 
 
 def load_init_lora(bank: AdapterBank, spec: str, key: str, dit_name: str,
-                   log_fn: Callable[[str], None] = print) -> int:
-    """Resolve, read, check and copy the LoRA ``spec`` into ``bank``'s base slot (the whole of ``init_weights``)."""
+                   log_fn: Callable[[str], None] = print, diffusion_model=None) -> int:
+    """Resolve, read, check and copy the LoRA ``spec`` into ``bank``'s base slot (the whole of ``init_weights``);
+    with ``diffusion_model``, a file recorded for another model family is refused."""
     path = resolve_lora_path(spec, key)
-    adapters = read_init_adapters(path, dit_name, key)
+    adapters = read_init_adapters(path, dit_name, key, diffusion_model)
     n = apply_init_adapters(bank, adapters, str(path), key)
     fresh = len(bank.names) - n
     if fresh:

@@ -161,6 +161,28 @@ def model_info(mp) -> dict[str, int | str]:
             "family": family_of_model(dm).name}
 
 
+def recorded_family_problem(source: str, record, diffusion_model) -> str | None:
+    """Why adapters recorded for a model (a stage-1 LoRA's ``wan_lora_moe_model`` metadata, a LoRA-MoE set's
+    ``model``) do not fit ``diffusion_model``'s family; None when they fit or record no family. The block names
+    and, for T2V/I2V A14B, every adapted layer's shape are the same in the families, so only the record tells."""
+    from moe_core.families import family_mismatch, family_of_record
+
+    if isinstance(record, str):
+        import json
+
+        try:
+            record = json.loads(record)
+        except ValueError:
+            return None
+    if not isinstance(record, dict):
+        return None
+    try:
+        recorded = family_of_record(record)
+    except ModelFamilyError as e:
+        return f"{source}: {e}"
+    return family_mismatch(source, recorded, family_of_model(diffusion_model))
+
+
 @dataclass
 class FlowSample:
     """One micro-batch as the DiT meets it in ComfyUI's sampler, and what the loss compares.
@@ -563,4 +585,5 @@ def check_pair(high, low, high_path: Path, low_path: Path) -> None:
 
 
 __all__ = ["DiTSet", "MODEL_FOLDERS", "ModelFileError", "Placement", "TrainableDiT", "WEIGHT_DTYPES",
-           "a14b_ranges", "check_pair", "load_dit", "model_info", "precheck_dit", "resolve_model_path"]
+           "FlowSample", "a14b_ranges", "check_pair", "load_dit", "model_info", "precheck_dit", "recorded_family_problem",
+           "resolve_model_path"]

@@ -184,7 +184,7 @@ def build_dits(cfg, device, seed: int, expert_names: Sequence[str], log_fn=print
             if name in init_specs:
                 key, path = init_specs[name]
                 log_fn(f"  {name} LoRA starts from {path} ({key})")
-                load_init_lora(bank, path, key, name, log_fn)
+                load_init_lora(bank, path, key, name, log_fn, diffusion_model=dm)
         bank.to(device)
         dits.append(TrainableDiT(name, mp, bank, t_range, placement, cfg.train.gradient_checkpointing,
                                  source=str(paths[name])))

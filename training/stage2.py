@@ -101,12 +101,17 @@ class Stage2Hooks:
         """The base adapters of DiT ``name``, checked against the model (modules, dims, noise range)."""
         from moe_core.lora_formats import load_lora
 
+        from .models import recorded_family_problem
+
         path = self.base_specs.get(name, self.base_specs.get("*"))
         if path is None:
             raise BaseLoraError(f"no base LoRA for the {name} DiT, which the config trains (model.train_dits); "
                                 f"--base-lora gives {sorted(self.base_specs)}: add --base-lora {name}:PATH")
         adapters = load_lora(path)
         meta = _lora_metadata(path)
+        problem = recorded_family_problem(str(path), meta.get("wan_lora_moe_model"), dm)
+        if problem:
+            raise BaseLoraError(problem)
         recorded = meta.get("wan_lora_moe_set")
         if recorded and name != "default" and recorded != name and recorded != "default":
             raise BaseLoraError(f"{path}: this base LoRA was trained for the {recorded} DiT (t range "
@@ -130,6 +135,7 @@ class Stage2Hooks:
         import torch
 
         from .adapters import AdapterBank, ProjectionSlots, Slot
+        from .models import recorded_family_problem
 
         cfg = self.cfg
         n = len(self.expert_names)
@@ -138,6 +144,9 @@ class Stage2Hooks:
             if name not in self.init_moe.sets:
                 raise BaseLoraError(f"{self.init_moe.source}: has no '{name}' set (holds {list(self.init_moe.sets)})")
             aset = self.init_moe.sets[name]
+            problem = recorded_family_problem(f"{self.init_moe.source} (set {name})", aset.model, dm)
+            if problem:
+                raise BaseLoraError(problem)
             self._check_modules_exist(aset.modules, dm, self.init_moe.source, name)
             self.base_sources[name] = self.init_moe.source
             if aset.router is not None:
