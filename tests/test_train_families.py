@@ -27,7 +27,7 @@ import comfy.utils
 import moe_fixtures as mf
 import train_fixtures as tf
 import wan_fixtures
-from moe_core.band import ALWAYS_ON
+from moe_core.band import ALWAYS_ON, TimestepBand
 from moe_core.checkpoint import load_lora_moe
 from moe_core.families import FAMILIES
 from moe_core.gating import slot_gains
@@ -142,17 +142,23 @@ def trainer_call(dit: TrainableDiT, gains, latent, noise, t, context, image_cond
 GATES = {"Scissors": 0.25, "Suction": 0.75}
 
 
-def _variants(dit: TrainableDiT, mp, moe, tmp: Path):
-    """(name, trainer gains, oracle model): adapters off, the stage-1 LoRA alone, stage-2 gates."""
+#: a band whose factor depends on t (0.5 from 0.2, 1 from 0.9): the gates must see the sampler's sigma, also when
+#: a TI2V start frame makes the DiT's timestep per frame (0 there)
+BAND = TimestepBand(((0.2, 0.5), (0.9, 1.0)))
+
+
+def _variants(dit: TrainableDiT, mp, moe, tmp: Path, t: float):
+    """(name, trainer gains, oracle model): adapters off, the stage-1 LoRA alone, stage-2 gates at noise ``t``
+    (trainer: ``slot_gains`` with the band's factor at the sample's t, as stage 2 computes them)."""
     n = len(NAMES)
     off = torch.zeros(1, 1 + n)
     lora = off.clone()
     lora[0, 0] = 1.0
     lora_ref = mf.comfy_lora_reference(mp, [(mf.set_parts(moe)["base"], 1.0)], tmp)
     gates = torch.tensor([[GATES.get(x, 0.0) for x in NAMES]])
-    moe_gains = slot_gains(gates, torch.ones(1), 0.7, 1.0)
+    moe_gains = slot_gains(gates, BAND.factors(torch.tensor([t])), 0.7, 1.0)
     moe_ref = apply_lora_moe(mp, moe, adapter_set="default", alpha_base=0.7, alpha_expert=1.0,
-                             routing=manual_route(GATES), band=ALWAYS_ON)
+                             routing=manual_route(GATES), band=BAND)
     return [("off", off, mp), ("stage-1 LoRA", lora, lora_ref), ("stage-2 gates", moe_gains, moe_ref)]
 
 
@@ -194,7 +200,7 @@ def test_i2v_training_forward_is_comfyuis_sampling_forward(dit_files, wan21_vae,
         mp = comfy.sd.load_diffusion_model(str(dit_files[key]))
         x_t = sampler_state(mp, latent, noise, t)
         results = []
-        for name, gains, ref in _variants(dit, mp, moe, tmp_path):
+        for name, gains, ref in _variants(dit, mp, moe, tmp_path, t):
             sample, clean, (x_in, ts) = trainer_call(dit, gains, latent, noise, t, ctx, image_cond=image_cond)
             results.append(clean)
             denoised, (x_ref, ts_ref) = comfy_model_call(ref, x_t, t, positive, negative, empty["samples"])
@@ -250,7 +256,7 @@ def test_ti2v_training_forward_is_comfyuis_sampling_forward(dit_files, tmp_path,
         latent_image, noise_mask = torch.zeros_like(latent), None  # Wan22ImageToVideoLatent without an image
     x_t = sampler_state(mp, latent, noise, t)  # the generated frames' state; the sampler puts frame 0 back
     results = []
-    for name, gains, ref in _variants(dit, mp, moe, tmp_path):
+    for name, gains, ref in _variants(dit, mp, moe, tmp_path, t):
         sample, clean, (x_in, ts) = trainer_call(dit, gains, latent, noise, t, ctx, start=start)
         results.append(clean)
         denoised, (x_ref, ts_ref) = comfy_model_call(ref, x_t, t, [[ctx, {}]], [[torch.zeros_like(ctx), {}]],
