@@ -486,3 +486,19 @@ def test_validation_renders_are_refused_for_image_to_video_families(dit_files, t
                data={"vae": str(tmp_path / "wan2.2_vae.safetensors")}, output={"render_every": 5, "dir": str(tmp_path)})
     with pytest.raises(TrainingSetupError, match="output.render_every.*TI2V 5B"):
         setup_stage1(cfg, log_fn=QUIET)
+
+
+def test_a_wan21_i2v_dit_with_clip_vision_inputs_is_refused(tmp_path):
+    """WAN 2.1 I2V (CLIP-vision image embeddings: ComfyUI's model_type i2v) is none of the supported families."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    from training.models import ModelFileError
+
+    model = comfy.ldm.wan.model.WanModel(model_type="i2v", patch_size=(1, 2, 2), in_dim=36, dim=128, ffn_dim=256,
+                                         freq_dim=256, text_dim=4096, out_dim=16, num_heads=1, num_layers=1,
+                                         operations=comfy.ops.disable_weight_init)
+    path = tmp_path / "wan21_i2v.safetensors"
+    save_file({k: torch.zeros(v.shape).contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(ModelFileError, match="CLIP-vision image embeddings"):
+        load_dit(path)
