@@ -262,6 +262,8 @@ def test_i2v_workflow_renders_an_mp4_from_the_start_frame(server):
         text = entry["outputs"][nid]["text"][0]
         want = "[high-noise]" if unet == H.TINY_I2V_HIGH else "[low-noise]"
         assert text.startswith(f"{H.TINY_MOE_I2V} {want}") and "Hook/Electrocautery 0.50" in text, text
+    bands = [entry["outputs"][nid]["wlm_schedule"][0] for nid in nodes_of(prompt, "WanLoRAMoE_TimestepBand")]
+    assert sorted((b["set"], b["boundary"]) for b in bands) == [("high_noise", 0.9), ("low_noise", 0.9)]
     # A file made for another family is refused on these DiTs, naming both.
     nodes, message = _refusal(server, _set(_set(prompt, "WanLoRAMoE_LoadLoRAMoE", lora_moe=H.TINY_MOE_TI2V),
                                            "SaveVideo", filename_prefix="video/refused"))
@@ -295,6 +297,8 @@ def test_ti2v_workflow_keeps_the_start_frame_and_its_experts_act(server):
         (loader,) = nodes_of(base, "WanLoRAMoE_LoadLoRAMoE")
         text = entry["outputs"][loader]["text"][0]
         assert text.startswith(f"{H.TINY_MOE_TI2V} [single-DiT]") and "Hook/Electrocautery 0.50" in text, text
+        (band,) = nodes_of(base, "WanLoRAMoE_TimestepBand")
+        assert entry["outputs"][band]["wlm_schedule"][0]["boundary"] is None  # one DiT: no pair boundary
         sampled = _saved_latent(entry, server)
         start = _saved_latent({"outputs": {"wlm_save_latent": entry["outputs"]["wlm_save_start"]}}, server)
         assert sampled.shape == start.shape == (1, 48, 2, H.TEST_HEIGHT // 16, H.TEST_WIDTH // 16)
