@@ -2,6 +2,10 @@
 custom_nodes/): node definitions, served workflows and web files, every bundled workflow run on tiny random
 models to an mp4, bad inputs answered as node errors, the pack's HTTP routes, and no model left patched.
 
+The image-to-video workflows run on tiny DiTs of their family; the TI2V one decodes with a random WAN 2.2 VAE
+(``wan_fixtures.wan22_vae_file``, ~5.5 GB resident in the server while it runs, freed after): on a machine
+shared with other test runs, hold ``flock /tmp/wan22_vae.lock`` around pytest.
+
 The server is shared with test_browser.py (``server_harness.shared_server``). The bundled workflows are
 converted from UI to API format with moe_core/workflow_api.py (checked against the front end's own conversion
 in test_browser.py); ``server_harness.api_prompt`` lists every test-only override (tiny sizes, steps and
