@@ -479,15 +479,6 @@ def test_ti2v_samples_draw_their_start_frame_and_its_frame_is_not_trained(dit_fi
     t2v_dit.release()
 
 
-def test_validation_renders_are_refused_for_image_to_video_families(dit_files, tmp_path):
-    from training.stage1 import TrainingSetupError, setup_stage1
-
-    cfg = _cfg(model={"dit": str(dit_files["ti2v"])},
-               data={"vae": str(tmp_path / "wan2.2_vae.safetensors")}, output={"render_every": 5, "dir": str(tmp_path)})
-    with pytest.raises(TrainingSetupError, match="output.render_every.*TI2V 5B"):
-        setup_stage1(cfg, log_fn=QUIET)
-
-
 def test_a_wan21_i2v_dit_with_clip_vision_inputs_is_refused(tmp_path):
     """WAN 2.1 I2V (CLIP-vision image embeddings: ComfyUI's model_type i2v) is none of the supported families."""
     import comfy.ldm.wan.model

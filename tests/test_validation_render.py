@@ -239,3 +239,101 @@ def test_stage2_renders_routed_clips_and_change_nothing(stage2_runs, plain_dits)
                                    rtol=0.0, atol=1e-6)
         assert float((routed - off).abs().max()) > 1e-4  # the trained experts act in the render
     assert_not_loaded_by_comfy(trainer)
+
+
+# ------------------------------------------------------------------------------ I2V A14B
+
+I2V_STEPS = 4  # at shift 8 the I2V boundary 0.9 splits 2 + 2 (the T2V boundary 0.875 would split 3 + 1)
+
+
+@pytest.fixture(scope="module")
+def i2v_run(vae_file, tmp_path_factory):
+    """Stage 1 on a tiny I2V A14B pair (36 input channels), rendering at step 2 with the random WAN 2.1 VAE."""
+    root = tmp_path_factory.mktemp("render_i2v")
+    manifest = make_synthetic_dataset(root / "data", n_per_class=1, seed=7, width=SIZE, height=SIZE, fps=16.0,
+                                      seconds=FRAMES / 16)
+    dits = {}
+    for name, seed in (("high", 0), ("low", 1)):
+        sd = wan_fixtures.tiny_wan_state_dict(seed, num_layers=2, dim=128, ffn_dim=256, family="i2v")
+        dits[name] = root / "models" / f"i2v_{name}.safetensors"
+        dits[name].parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(dits[name]))
+    ws = tf.Workspace(root, manifest, root / "cache", dits["high"], dits["low"])
+    d = tf.config_dict(ws, root / "out", pair=True, train={"max_steps": 3, "learning_rate": 2e-2},
+                       output={"render_steps": I2V_STEPS, "save_every": 2, "render_every": 2})
+    d["data"].update(vae=str(vae_file), max_frames=FRAMES, target_area=SIZE * SIZE)
+    d["model"]["dit_schedule"] = "alternate"
+    cfg = config_from_dict(Stage1Config, d, "t")
+    result = run_stage1(cfg, encoders=(PoolingVideoEncoder.for_family("i2v"), HashTextEncoder()), log_fn=QUIET)
+    return result, ws
+
+
+def first_frame(ws, window: str) -> torch.Tensor:
+    """Frame 0 of the clip's first window, cut independently of the renderer: [1, H, W, 3] in [0, 1]."""
+    from training.data.manifest import load_manifest
+    from training.data.video_io import ExtractionConfig, frames_to_tensor, load_clip
+
+    record = next(r for r in load_manifest(ws.manifest) if r.name == window)
+    config = ExtractionConfig(mode="head", max_frames=FRAMES, target_area=SIZE * SIZE, family="i2v")
+    return frames_to_tensor(load_clip(record.video_path, config).windows[0].frames[:1]).float()
+
+
+def i2v_node_path(plain_dits, checkpoint: Path, prompt, vae, start_image: torch.Tensor) -> torch.Tensor:
+    """The I2V A14B workflow's graph: WanImageToVideo (start image), Load LoRA-MoE per DiT from the checkpoint,
+    ModelSamplingSD3 (shift 8), KSamplerAdvanced high then low, split at the I2V boundary 0.9."""
+    from comfy_extras.nodes_wan import WanImageToVideo
+
+    c, f, h, w = prompt.latent_shape
+    positive, negative, latent = WanImageToVideo.execute(
+        [[prompt.context[None], {}]], [[torch.zeros_like(prompt.context[None]), {}]], vae, width=8 * w,
+        height=8 * h, length=1 + 4 * (f - 1), batch_size=1, start_image=start_image).args
+    moe = load_lora_moe(checkpoint)
+    split = boundary_step(I2V_STEPS, 8.0, 0.9)
+    x = latent["samples"]
+    for k, (name, start, end) in enumerate((("high_noise", 0, split), ("low_noise", split, I2V_STEPS))):
+        model = apply_lora_moe(plain_dits[name], moe, adapter_set=name, routing=None, alpha_base=1.0)
+        model = ModelSamplingSD3().patch(model, 8.0)[0]
+        x = wan_fixtures.sample(model, positive, negative, seed=0, steps=I2V_STEPS, cfg=1.0, latent=x,
+                                add_noise=k == 0, start_step=start, last_step=end, force_full_denoise=k == 1)
+    return x.float()
+
+
+def test_i2v_renders_are_the_workflow_with_WanImageToVideo_and_the_clips_first_frame(i2v_run):
+    result, ws = i2v_run
+    trainer = result.trainer
+    step = result.out_dir / "renders" / "step_000002"
+    names = trainer.expert_names
+    assert sorted(p.name for p in step.glob("*.mp4")) == sorted(f"{_slug(n)}.mp4" for n in names)
+    fps, frames = read_video(step / f"{_slug(names[0])}.mp4")
+    assert fps == 16.0 and frames.shape == (FRAMES, SIZE, SIZE, 3)
+    record = json.loads((step / "render.json").read_text(encoding="utf-8"))
+    assert record["family"] == "i2v" and record["boundary"] == 0.9
+    renderer = renderer_of(trainer)
+    plain = {"high_noise": load_dit(ws.dit), "low_noise": load_dit(ws.dit_low)}
+    checkpoint = result.out_dir / "checkpoints" / "step_000002.safetensors"
+    for prompt, clip in zip(render_prompts(trainer, renderer.extraction), record["clips"]):
+        assert clip["instrument"] == prompt.instrument and clip["start_image"].startswith(f"{prompt.window} window 0 frame 0")
+        image = first_frame(ws, prompt.window)
+        assert torch.equal(prompt.start_image, image)
+        want = i2v_node_path(plain, checkpoint, prompt, renderer.vae, image)
+        torch.testing.assert_close(renderer.latents[prompt.instrument], want, rtol=0.0, atol=1e-6)
+    assert_not_loaded_by_comfy(trainer)
+
+
+def test_i2v_render_follows_the_start_image(i2v_run, tmp_path):
+    result, _ = i2v_run
+    trainer = result.trainer
+    renderer = renderer_of(trainer)
+    prompt = render_prompts(trainer, renderer.extraction)[0]
+    settings = RenderSettings(every=2, steps=I2V_STEPS)
+    again = sample_prompt(trainer, prompt, settings, vae=renderer.vae)  # final weights, conditioning made anew
+    kept = sample_prompt(trainer, prompt, settings, inputs=renderer.inputs[prompt.instrument])
+    torch.testing.assert_close(again, kept, rtol=0.0, atol=1e-6)
+    # output.render_start_image: another picture (other size: the node resizes it) gives another clip
+    path = tmp_path / "start.png"
+    Image.fromarray(np.tile(np.array([[[200, 30, 90]]], np.uint8), (24, 40, 1))).save(path)
+    other = render_prompts(trainer, renderer.extraction, path)[0]
+    assert other.start_source == str(path) and other.start_image.shape == (1, 24, 40, 3)
+    changed = sample_prompt(trainer, other, settings, vae=renderer.vae)
+    assert changed.shape == again.shape and float((changed - again).abs().max()) > 1e-3
+    assert_not_loaded_by_comfy(trainer)

@@ -203,6 +203,8 @@ class OutputSection:
                            0)
     render_cfg: float = doc("CFG scale of the validation renders: 1 samples the prompt alone; above 1 the negative "
                             "is an all-zero text embedding (no text encoder is loaded while training)", 1.0)
+    render_start_image: str = doc("image-to-video (I2V / TI2V) renders: the start image of every render (a PNG/JPEG "
+                                  "path); empty: each instrument's first training window's first frame", "")
 
 
 @dataclass

@@ -59,7 +59,8 @@ RESUME_MUTABLE_KEYS = ("output.save_every", "output.keep_last", "output.log_ever
                        "lora.init_weights", "lora.init_weights_high", "lora.init_weights_low",
                        "model.dit", "model.dit_high", "model.dit_low", "data.manifest", "data.cache_dir",
                        "data.vae", "data.text_encoder", "demo.work_dir", "demo.enabled", "output.render_every",
-                       "output.render_steps", "output.render_seed", "output.render_cfg")
+                       "output.render_steps", "output.render_seed", "output.render_cfg",
+                       "output.render_start_image")
 
 
 class ResumeError(RuntimeError):

@@ -404,9 +404,6 @@ def setup_stage1(cfg, resume: str | None = None, overwrite: bool = False, encode
                 dit_files.append(resolve_model_path(spec, what))
                 precheck_dit(dit_files[-1], what)
         cfg, family = resolve_family(cfg, say)
-        if family.name != "t2v" and cfg.output.render_every:
-            raise TrainingSetupError(f"output.render_every: validation renders sample text-to-video clips; for "
-                                     f"{family.title} they are not available yet: set output.render_every = 0")
 
         _, offload = memory_plan(cfg, device, say)
 

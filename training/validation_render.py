@@ -2,8 +2,9 @@
 
 A loss curve says little about what a video model has learned; a clip does. Every ``render_every`` optimizer
 steps (after that step's checkpoint, on the first process; the others wait at a barrier) the trainer samples
-one clip per instrument and writes ``renders/step_000100/<instrument>.mp4`` (16 fps) and a
-``contact_sheet.png`` of their frames into ``output.dir``.
+one clip per instrument and writes ``renders/step_000100/<instrument>.mp4`` (at the family's fps: 16, TI2V 24),
+a ``contact_sheet.png`` of their frames and ``render.json`` (each clip's caption, window and start image) into
+``output.dir``.
 
 What a render runs, so that it shows the file as ComfyUI would sample it at that step:
 
@@ -12,7 +13,12 @@ What a render runs, so that it shows the file as ComfyUI would sample it at that
 * ComfyUI's own sampler (``comfy.sample.sample``, what KSampler / KSamplerAdvanced run: euler, simple
   schedule) on a clone of the trained DiT's ModelPatcher with ComfyUI's ``ModelSamplingSD3`` shift; an A14B
   pair is split at ``model.boundary`` into a high-noise and a low-noise KSamplerAdvanced pass as the bundled
-  workflow does (``training.generate.boundary_step``);
+  workflow does (``training.generate.boundary_step``; the boundary the pair trains with: T2V 0.875, I2V 0.9);
+* image-to-video families are conditioned by ComfyUI's own core nodes, as their workflows do: I2V A14B by
+  ``WanImageToVideo`` (the start image encoded into ``concat_latent_image`` + ``concat_mask`` of both
+  conditionings), TI2V 5B by ``Wan22ImageToVideoLatent`` (the start image's latent in latent frame 0 and a
+  ``noise_mask`` that keeps it). The start image is ``output.render_start_image``, or else the first frame of the
+  instrument's window, cut from its clip as the cache cut it (same bucket, so the render's size);
 * the adapters are ``moe_core.patch``'s inference runtime (``MoERuntime``: its DIFFUSION_MODEL wrapper computes
   each call's gains with ``moe_core.gating.GateController`` and ``LoraMoEForward`` adds them), reading the
   adapter bank's *current* tensors: stage 1 the base LoRA at gain 1; stage 2 the file defaults the run will
@@ -29,6 +35,7 @@ it (``tests/test_validation_render.py`` compares metrics, LoRAs and RNG states w
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -57,9 +64,10 @@ class RenderSettings:
     fps: float = FPS
 
     @classmethod
-    def from_config(cls, cfg) -> "RenderSettings":
+    def from_config(cls, cfg, fps: float = FPS) -> "RenderSettings":
+        """``fps``: the model family's (``ModelFamily.fps``), the rate its clips play at."""
         o = cfg.output
-        return cls(o.render_every, o.render_steps, o.render_seed, o.render_cfg)
+        return cls(o.render_every, o.render_steps, o.render_seed, o.render_cfg, fps=float(fps))
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step > 0 and step % self.every == 0
@@ -67,13 +75,16 @@ class RenderSettings:
 
 @dataclass
 class RenderPrompt:
-    """One clip to render: the instrument, its training window's caption, text embedding and latent size."""
+    """One clip to render: the instrument, its training window's caption, text embedding and latent size;
+    for image-to-video families also the start image and where it came from."""
 
     instrument: str
     caption: str
     context: torch.Tensor  # [L, 4096]
     latent_shape: tuple[int, ...]  # [C, F, H, W]
     window: str
+    start_image: torch.Tensor | None = None  # [1, H, W, 3] in [0, 1], an IMAGE as ComfyUI passes it
+    start_source: str = ""  # "<clip> window <i> frame 0 (source frame <n>)" or the file's path
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -91,8 +102,48 @@ def _primaries(trainer) -> list[int | None]:
     return [dataset[i].get("primary") for i in range(len(dataset))]
 
 
-def render_prompts(trainer) -> list[RenderPrompt]:
-    """The first training window of each instrument, in expert order (instruments without a window: none)."""
+def _entry(dataset, index: int):
+    """The cache entry (``LatentEntry``) behind item ``index`` of a dataset or a ``Subset`` of one; None for
+    datasets without entries."""
+    while hasattr(dataset, "indices") and hasattr(dataset, "dataset"):  # torch.utils.data.Subset
+        index, dataset = int(dataset.indices[index]), dataset.dataset
+    entries = getattr(dataset, "entries", None)
+    return entries[index] if entries is not None else None
+
+
+def read_start_image(path: str | Path) -> torch.Tensor:
+    """An image file as ComfyUI's LoadImage gives it: ``[1, H, W, 3]`` float RGB in [0, 1]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as e:
+        raise ValueError(f"output.render_start_image = {str(path)!r}: cannot read it as an image ({e})") from e
+    return torch.from_numpy(rgb)[None]
+
+
+def window_start_image(entry, extraction) -> tuple[torch.Tensor, str]:
+    """The first frame of a cached window, cut from its clip exactly as the cache cut it (``load_clip`` with the
+    run's ``ExtractionConfig``: same resampling and bucket), as ``[1, H, W, 3]`` in [0, 1]; and a line naming it."""
+    from .data.video_io import frames_to_tensor, load_clip
+
+    clip = load_clip(entry.record.video_path, extraction)
+    window = next((w for w in clip.windows if w.index == entry.window_index), None)
+    if window is None:
+        raise ValueError(f"clip {entry.record.video_path} no longer has window {entry.window_index} (changed since it "
+                         "was cached?): set output.render_start_image")
+    image = frames_to_tensor(window.frames[:1], "unit").float()
+    return image, (f"{entry.record.name} window {entry.window_index} frame 0 (source frame "
+                   f"{int(window.source_indices[0])})")
+
+
+def render_prompts(trainer, extraction=None, start_image: str | Path | None = None) -> list[RenderPrompt]:
+    """The first training window of each instrument, in expert order (instruments without a window: none).
+
+    Image-to-video families (``trainer.dits``' family) also get a start image: the file ``start_image`` for
+    every instrument, else the window's first frame (``extraction``: the cache's ``ExtractionConfig``).
+    """
     names = list(trainer.expert_names)
     first: dict[int, int] = {}
     for i, primary in enumerate(_primaries(trainer)):
@@ -100,13 +151,24 @@ def render_prompts(trainer) -> list[RenderPrompt]:
             first[primary] = i
             if len(first) == len(names):
                 break
+    image_conditioned = trainer.dits.dits[0].family.image_conditioned
+    from_file = read_start_image(start_image) if image_conditioned and start_image else None
     prompts = []
     for e in sorted(first):
         item = trainer.dataset[first[e]]
         if "context" not in item:
             raise ValueError(f"window {item.get('name', first[e])} has no cached text embedding to render with")
-        prompts.append(RenderPrompt(names[e], str(item.get("caption", "")), item["context"].float(),
-                                    tuple(item["latent"].shape), str(item.get("name", first[e]))))
+        prompt = RenderPrompt(names[e], str(item.get("caption", "")), item["context"].float(),
+                              tuple(item["latent"].shape), str(item.get("name", first[e])))
+        if from_file is not None:
+            prompt.start_image, prompt.start_source = from_file, str(start_image)
+        elif image_conditioned:
+            entry = _entry(trainer.dataset, first[e])
+            if entry is None or extraction is None:
+                raise ValueError(f"window {prompt.window}: no clip to take the start image of an image-to-video "
+                                 "render from: set output.render_start_image")
+            prompt.start_image, prompt.start_source = window_start_image(entry, extraction)
+        prompts.append(prompt)
     return prompts
 
 
@@ -230,19 +292,46 @@ def segments(dits, steps: int, shift: float = SHIFT) -> list[tuple[object, int, 
     return [(dits.dits[0], 0, steps)]
 
 
+def node_inputs(family, prompt: RenderPrompt, vae=None) -> tuple[list, list, dict]:
+    """``(positive, negative, latent)`` as the family's workflow hands them to KSampler(Advanced).
+
+    T2V: the caption's embedding, an all-zero one, an empty latent (EmptyHunyuanLatentVideo). I2V: both
+    conditionings through core ``WanImageToVideo`` with the start image; TI2V: the empty-text conditionings and
+    core ``Wan22ImageToVideoLatent``'s latent (start image in latent frame 0) and ``noise_mask``. The nodes encode
+    with ``vae`` (``data.vae``); ComfyUI forgets it afterwards, as after decoding.
+    """
+    positive = [[prompt.context[None].float(), {}]]
+    negative = [[torch.zeros_like(prompt.context[None]).float(), {}]]
+    c, f, h, w = prompt.latent_shape
+    if not family.image_conditioned:
+        return positive, negative, {"samples": torch.zeros((1, c, f, h, w))}
+    if prompt.start_image is None or vae is None:
+        raise ValueError(f"{family.title} renders need a start image and the VAE (render of {prompt.instrument})")
+    from comfy_extras.nodes_wan import Wan22ImageToVideoLatent, WanImageToVideo
+
+    size = dict(width=w * family.spatial_compression, height=h * family.spatial_compression, length=1 + 4 * (f - 1),
+                batch_size=1, start_image=prompt.start_image)
+    with torch.no_grad(), _forgotten(vae):
+        if family.conditioning == "concat_image":
+            positive, negative, latent = WanImageToVideo.execute(positive, negative, vae, **size).args
+        else:
+            latent = Wan22ImageToVideoLatent.execute(vae, **size).args[0]
+    return positive, negative, latent
+
+
 def sample_prompt(trainer, prompt: RenderPrompt, settings: RenderSettings, experts: bool = True,
-                  alpha_base: float | None = None) -> torch.Tensor:
+                  alpha_base: float | None = None, vae=None, inputs: tuple | None = None) -> torch.Tensor:
     """The sampled latent ``[1, C, F, H, W]`` (VAE space, as KSampler returns it) of one prompt.
 
-    Like ComfyUI's ``common_ksampler``: seeded noise on an empty latent, ``comfy.sample.sample`` per pass
-    (the second pass of a pair adds no noise and continues from the first one's leftover noise).
+    Like ComfyUI's ``common_ksampler``: seeded noise on the workflow's latent (:func:`node_inputs`; ``inputs``
+    when the caller made them already, else made with ``vae``), its ``noise_mask``, ``comfy.sample.sample``
+    per pass (the second pass of a pair adds no noise and continues from the first one's leftover noise).
     """
     import comfy.sample
 
     dits = trainer.dits
-    positive = [[prompt.context[None].float(), {}]]
-    negative = [[torch.zeros_like(prompt.context[None]).float(), {}]]
-    x = torch.zeros((1, *prompt.latent_shape))
+    positive, negative, latent = inputs if inputs is not None else node_inputs(dits.dits[0].family, prompt, vae)
+    x, noise_mask = latent["samples"], latent.get("noise_mask")
     passes = segments(dits, settings.steps, settings.shift)
     try:
         for k, (dit, start, end) in enumerate(passes):
@@ -263,7 +352,7 @@ def sample_prompt(trainer, prompt: RenderPrompt, settings: RenderSettings, exper
                     x = comfy.sample.sample(model, noise, settings.steps, settings.cfg, SAMPLER, SCHEDULER,
                                             positive, negative, x, denoise=1.0, disable_noise=k > 0,
                                             start_step=start, last_step=end, force_full_denoise=k == len(passes) - 1,
-                                            disable_pbar=True, seed=settings.seed)
+                                            noise_mask=noise_mask, disable_pbar=True, seed=settings.seed)
             finally:
                 if router is not None:
                     router.train(was_training)
@@ -282,18 +371,23 @@ def load_vae(path: str | Path):
     return ComfyVAEEncoder.from_file(path).vae
 
 
-def decode(vae, latent: torch.Tensor) -> np.ndarray:
-    """uint8 RGB frames ``[F, H, W, 3]`` as VAEDecode + SaveVideo make them; ComfyUI then forgets the VAE
-    (it goes back to host memory, leaving the device to training)."""
+@contextlib.contextmanager
+def _forgotten(vae):
+    """ComfyUI forgets ``vae`` when the block ends (it goes back to host memory, leaving the device to training)."""
     import comfy.model_management as mm
 
     try:
-        with torch.no_grad():
-            images = vae.decode(latent)
+        yield vae
     finally:
         for loaded in [lm for lm in mm.current_loaded_models if lm.model is vae.patcher]:
             mm.current_loaded_models.remove(loaded)
             loaded.model_unload()
+
+
+def decode(vae, latent: torch.Tensor) -> np.ndarray:
+    """uint8 RGB frames ``[F, H, W, 3]`` as VAEDecode + SaveVideo make them; ComfyUI then forgets the VAE."""
+    with torch.no_grad(), _forgotten(vae):
+        images = vae.decode(latent)
     images = images.reshape(-1, *images.shape[-3:])
     return (images.float() * 255).clamp(0, 255).byte().cpu().numpy()
 
@@ -310,13 +404,16 @@ class ValidationRenderer:
     """The trainer callback (``fn(step, metrics)``) that renders every ``settings.every`` steps."""
 
     def __init__(self, trainer, settings: RenderSettings, vae_path: str | Path,
-                 log_fn: Callable[[str], None] = print):
+                 log_fn: Callable[[str], None] = print, extraction=None, start_image: str | Path | None = None):
         self.trainer = trainer
         self.settings = settings
         self.vae_path = Path(vae_path)
         self.say = log_fn
+        self.extraction = extraction  # the cache's ExtractionConfig: where image-to-video start frames come from
+        self.start_image = start_image  # output.render_start_image (None / "": from the data)
         self.vae = None
         self.prompts: list[RenderPrompt] | None = None
+        self.inputs: dict[str, tuple] = {}  # node_inputs by instrument (the start image's encoding is fixed)
         self.latents: dict[str, torch.Tensor] = {}  # of the last render, by instrument
         self.rendered: list[Path] = []  # folders written
 
@@ -343,16 +440,19 @@ class ValidationRenderer:
         out = Path(self.trainer.out_dir) / "renders" / f"step_{step:06d}"
         out.mkdir(parents=True, exist_ok=True)
         if self.prompts is None:
-            self.prompts = render_prompts(self.trainer)
+            self.prompts = render_prompts(self.trainer, self.extraction, self.start_image)
         if self.vae is None:
             self.vae = load_vae(self.vae_path)
+        family = self.trainer.dits.dits[0].family
         dits = self.trainer.dits
         active = dits._active
         state = rng_state()  # ComfyUI's noise seeds the global generator: training must not notice
         rows = []
         try:
             for prompt in self._progress(self.prompts, step):
-                latent = sample_prompt(self.trainer, prompt, self.settings)
+                if prompt.instrument not in self.inputs:
+                    self.inputs[prompt.instrument] = node_inputs(family, prompt, self.vae)
+                latent = sample_prompt(self.trainer, prompt, self.settings, inputs=self.inputs[prompt.instrument])
                 self.latents[prompt.instrument] = latent
                 frames = decode(self.vae, latent)
                 write_video(out / f"{_slug(prompt.instrument)}.mp4", frames, self.settings.fps)
@@ -360,6 +460,8 @@ class ValidationRenderer:
             if rows:
                 with atomic_path(out / "contact_sheet.png") as tmp:
                     contact_sheet(rows, tmp)
+                with atomic_path(out / "render.json") as tmp:
+                    tmp.write_text(json.dumps(self._record(step, family), indent=1), encoding="utf-8")
         finally:
             set_rng_state(state)
             if active is not None:
@@ -368,6 +470,15 @@ class ValidationRenderer:
         self.say(f"step {step}: rendered {len(rows)} validation clip(s) into {out} "
                  f"({time.perf_counter() - start:.1f} s)")
         return out
+
+    def _record(self, step: int, family) -> dict:
+        """What ``render.json`` says: the settings and, per clip, its caption, window and start image."""
+        s = self.settings
+        return {"step": step, "family": family.name, "steps": s.steps, "seed": s.seed, "cfg": s.cfg,
+                "shift": s.shift, "fps": s.fps, "boundary": self.trainer.dits.boundary,
+                "clips": [{"instrument": p.instrument, "file": f"{_slug(p.instrument)}.mp4", "caption": p.caption,
+                           "window": p.window, **({"start_image": p.start_source} if p.start_source else {})}
+                          for p in self.prompts or []]}
 
     def _progress(self, prompts: list[RenderPrompt], step: int):
         if not getattr(self.trainer.s, "progress", False):
@@ -380,13 +491,18 @@ class ValidationRenderer:
 def attach_renderer(trainer, cfg, log_fn: Callable[[str], None] = print) -> ValidationRenderer | None:
     """Add the validation renderer to ``trainer.callbacks`` when ``output.render_every`` asks for it; the VAE
     file is found now (a missing one fails before training), loaded at the first render."""
-    settings = RenderSettings.from_config(cfg)
+    family = trainer.dits.dits[0].family
+    settings = RenderSettings.from_config(cfg, family.fps)
     if not settings.every:
         return None
-    from .encoders import resolve_in_folder
+    from .encoders import extraction_config, resolve_in_folder
 
     path = resolve_in_folder(cfg.data.vae, "vae", "VAE")
-    renderer = ValidationRenderer(trainer, settings, path, log_fn)
+    start_image = getattr(cfg.output, "render_start_image", "") if family.image_conditioned else ""
+    if start_image:
+        read_start_image(start_image)  # an unreadable file fails now, not at the first render
+    renderer = ValidationRenderer(trainer, settings, path, log_fn, extraction_config(cfg.data, family.name),
+                                  start_image or None)
     if trainer.dist.is_main:  # a file ComfyUI cannot load fails now, not at the first render
         from .encoders import EncoderFileError
 
@@ -396,10 +512,13 @@ def attach_renderer(trainer, cfg, log_fn: Callable[[str], None] = print) -> Vali
             raise EncoderFileError(f"data.vae = {str(path)!r}: ComfyUI cannot load it as a VAE for "
                                    f"output.render_every ({type(e).__name__}: {e})") from e
     trainer.callbacks.append(renderer)
+    start = (f"; start image {start_image}" if start_image else "; start image: the first frame of each "
+             "instrument's first window") if family.image_conditioned else ""
     log_fn(f"validation renders every {settings.every} steps: one clip per instrument, {settings.steps} sampler "
-           f"steps, cfg {settings.cfg:g}, seed {settings.seed}, into {Path(cfg.output.dir) / 'renders'}")
+           f"steps, cfg {settings.cfg:g}, seed {settings.seed}{start}, into {Path(cfg.output.dir) / 'renders'}")
     return renderer
 
 
 __all__ = ["RenderPrompt", "RenderSettings", "ValidationRenderer", "attach_renderer", "decode", "gate_config",
-           "load_vae", "render_model", "render_prompts", "sample_prompt", "segments", "weights_in_place"]
+           "load_vae", "node_inputs", "read_start_image", "render_model", "render_prompts", "sample_prompt",
+           "segments", "weights_in_place", "window_start_image"]
