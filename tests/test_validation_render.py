@@ -5,7 +5,12 @@ The oracle of a render is the node path: the checkpoint written at that step, lo
 ``apply_lora_moe`` onto DiTs freshly loaded by ComfyUI, sampled by ComfyUI's sampler (ModelSamplingSD3, two
 KSamplerAdvanced passes split at the boundary). Renders must leave training as it was: the metrics and final
 LoRAs of a run with renders equal those of the same run without. The cache is made with the pooling stand-in
-encoder (the VAE's encoder is slow on a CPU and plays no part in a render); decoding uses the real VAE.
+encoder (the VAE's encoder is slow on a CPU and plays no part in a T2V render); decoding uses the real VAE.
+
+I2V A14B (a tiny pair with 36 input channels): the render is the I2V workflow's graph, core ``WanImageToVideo`` on
+the instrument's first window's first frame (cut from the clip independently here) with the pair split at the I2V
+boundary 0.9; another start image (``output.render_start_image``) changes the clip; stage 2 finds the start frames
+through its training split. TI2V 5B needs the big WAN 2.2 VAE: ``test_validation_render_ti2v.py``.
 """
 from __future__ import annotations
 
@@ -312,7 +317,8 @@ def test_i2v_renders_are_the_workflow_with_WanImageToVideo_and_the_clips_first_f
     plain = {"high_noise": load_dit(ws.dit), "low_noise": load_dit(ws.dit_low)}
     checkpoint = result.out_dir / "checkpoints" / "step_000002.safetensors"
     for prompt, clip in zip(render_prompts(trainer, renderer.extraction), record["clips"]):
-        assert clip["instrument"] == prompt.instrument and clip["start_image"].startswith(f"{prompt.window} window 0 frame 0")
+        assert clip["instrument"] == prompt.instrument
+        assert clip["start_image"].startswith(f"{prompt.window} window 0 frame 0")  # says where it came from
         image = first_frame(ws, prompt.window)
         assert torch.equal(prompt.start_image, image)
         want = i2v_node_path(plain, checkpoint, prompt, renderer.vae, image)
@@ -337,3 +343,32 @@ def test_i2v_render_follows_the_start_image(i2v_run, tmp_path):
     changed = sample_prompt(trainer, other, settings, vae=renderer.vae)
     assert changed.shape == again.shape and float((changed - again).abs().max()) > 1e-3
     assert_not_loaded_by_comfy(trainer)
+
+
+def test_i2v_stage2_renders_from_its_training_split_and_a_bad_start_image_fails_at_start(i2v_run, tmp_path):
+    import dataclasses
+
+    from training.validation_render import attach_renderer
+
+    result, ws = i2v_run
+    d = tf.config_dict(ws, tmp_path / "s2", pair=True, train={"max_steps": 2, "learning_rate": 2e-2},
+                       output={"render_steps": I2V_STEPS, "render_every": 2, "name": "moe"},
+                       router={"warm_start_steps": 10}, validation={"holdout_fraction": 0.0})
+    d["data"].update(vae=str(renderer_of(result.trainer).vae_path), max_frames=FRAMES, target_area=SIZE * SIZE)
+    cfg = config_from_dict(Stage2Config, d, "t")
+    run = run_stage2(cfg, base_loras=result.loras, encoders=(PoolingVideoEncoder.for_family("i2v"), HashTextEncoder()),
+                     log_fn=QUIET)
+    step = run.out_dir / "renders" / "step_000002"
+    record = json.loads((step / "render.json").read_text(encoding="utf-8"))
+    assert len(record["clips"]) == len(run.trainer.expert_names) == len(list(step.glob("*.mp4")))
+    for clip in record["clips"]:  # the Subset of stage 2's training split leads back to each window's clip
+        assert clip["start_image"].startswith(f"{clip['window']} window 0 frame 0")
+    renderer = renderer_of(run.trainer)
+    for prompt in renderer.prompts:
+        assert torch.equal(prompt.start_image, first_frame(ws, prompt.window))
+    assert_not_loaded_by_comfy(run.trainer)
+
+    missing = tmp_path / "no_such_frame.png"
+    bad = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, render_start_image=str(missing)))
+    with pytest.raises(ValueError, match=r"output\.render_start_image = .*no_such_frame\.png"):
+        attach_renderer(run.trainer, bad, QUIET)

@@ -24,7 +24,6 @@ import train_fixtures as tf
 import wan_fixtures
 from training.config import Stage1Config, config_from_dict
 from training.data.synthetic import HashTextEncoder, PoolingVideoEncoder, make_synthetic_dataset
-from training.mission import _slug
 from training.report import read_video
 from training.stage1 import run_stage1
 from training.validation_render import RenderSettings, ValidationRenderer, decode, render_prompts, sample_prompt
@@ -38,6 +37,8 @@ def ti2v_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("render_ti2v")
     manifest = make_synthetic_dataset(root / "data", n_per_class=1, seed=7, width=SIZE, height=SIZE, fps=24.0,
                                       seconds=FRAMES / 24)
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    manifest.write_text("\n".join(lines[:2]) + "\n", encoding="utf-8")  # two instruments: each render costs VAE time
     dit = root / "models" / "ti2v.safetensors"
     dit.parent.mkdir(parents=True)
     sd = wan_fixtures.tiny_wan_state_dict(2, num_layers=2, dim=128, ffn_dim=256, family="ti2v")
@@ -53,11 +54,11 @@ def ti2v_run(tmp_path_factory):
 def test_ti2v_renders_clips_whose_first_frame_is_the_start_image(ti2v_run, tmp_path):
     trainer = ti2v_run.trainer
     step = ti2v_run.out_dir / "renders" / "step_000002"
-    names = trainer.expert_names
-    assert sorted(p.name for p in step.glob("*.mp4")) == sorted(f"{_slug(n)}.mp4" for n in names)
-    fps, frames = read_video(step / f"{_slug(names[0])}.mp4")
-    assert fps == 24.0 and frames.shape == (FRAMES, SIZE, SIZE, 3)  # the family's fps
     record = json.loads((step / "render.json").read_text(encoding="utf-8"))
+    files = [c["file"] for c in record["clips"]]
+    assert len(files) == 2 and sorted(p.name for p in step.glob("*.mp4")) == sorted(files)
+    fps, frames = read_video(step / files[0])
+    assert fps == 24.0 and frames.shape == (FRAMES, SIZE, SIZE, 3)  # the family's fps
     assert record["family"] == "ti2v" and record["fps"] == 24.0 and record["boundary"] is None
     renderer = next(cb for cb in trainer.callbacks if isinstance(cb, ValidationRenderer))
     vae = renderer.vae
@@ -89,8 +90,5 @@ def test_ti2v_renders_clips_whose_first_frame_is_the_start_image(ti2v_run, tmp_p
     latent = sample_prompt(trainer, other, RenderSettings(every=2, steps=STEPS), vae=vae)
     want = node_latent(other.start_image)
     torch.testing.assert_close(latent[:, :, 0], want[:, :, 0], rtol=1e-4, atol=1e-4)
-    resized = torch.nn.functional.interpolate(other.start_image.movedim(-1, 1), size=(SIZE, SIZE),
-                                              mode="bilinear").movedim(1, -1)  # a plain colour: any resize
     other_first = decode(vae, latent)[0]
-    assert np.abs(other_first.astype(np.int16) - roundtrip(resized).astype(np.int16)).max() <= 1
     assert np.abs(other_first.astype(np.int16) - first.astype(np.int16)).mean() > 5
