@@ -21,6 +21,7 @@ the EMA and the band treat it like a prompt's.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import threading
 import warnings
@@ -66,44 +67,48 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_classifier(path: str | Path, sha256: str) -> ImageClassifier:
+def load_classifier(path: str | Path, sha256: str, name: str | None = None) -> ImageClassifier:
     """The TorchScript classifier at `path`, after checking its bytes against `sha256` (hex), its
-    `class_names` and `input_size`. Loaded on the CPU once per (path, hash)."""
+    `class_names` and `input_size`. Loaded on the CPU once per (path, hash). The bytes are read once and the
+    module is loaded from those very bytes, so the file cannot change between the check and the load.
+    `name` is how messages call the file (the Router passes what the user typed, never the server's folders)."""
+    shown = name if name is not None else str(path)
     if not str(path).strip():
         raise ImageRoutingError("no classifier file given: routing from the image needs 'classifier' (a TorchScript "
                                 "file) and 'classifier_sha256'")
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ImageRoutingError(f"classifier file {p} not found")
-    actual = file_sha256(p)
+        raise ImageRoutingError(f"classifier file {shown} not found")
     want = (sha256 or "").strip().lower()
+    key = (str(p.resolve()), want)
+    data = p.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if not want:
-        raise ImageRoutingError(f"classifier {p}: classifier_sha256 is empty; give the SHA-256 of the file you "
+        raise ImageRoutingError(f"classifier {shown}: classifier_sha256 is empty; give the SHA-256 of the file you "
                                 f"checked (this file's is {actual})")
     if not _SHA256.fullmatch(want):
-        raise ImageRoutingError(f"classifier {p}: classifier_sha256 {sha256!r} is not 64 hexadecimal digits "
+        raise ImageRoutingError(f"classifier {shown}: classifier_sha256 {sha256!r} is not 64 hexadecimal digits "
                                 f"(this file's is {actual})")
     if actual != want:
-        raise ImageRoutingError(f"classifier {p}: its SHA-256 is {actual}, not the given {want}: the file changed "
-                                "or is another file; refusing to run it")
-    key = (str(p.resolve()), actual)
+        raise ImageRoutingError(f"classifier {shown}: its SHA-256 is {actual}, not the given {want}: the file "
+                                "changed or is another file; refusing to run it")
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
     try:
         with warnings.catch_warnings():  # torch >= 2.10 calls TorchScript deprecated; it still loads
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(p), map_location="cpu")
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError and others for a file that is not TorchScript
-        raise ImageRoutingError(f"classifier {p}: not a TorchScript module ({type(e).__name__}: "
+        raise ImageRoutingError(f"classifier {shown}: not a TorchScript module ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    clf = ImageClassifier(str(p), actual, module.eval(), _class_names(module, p), _input_size(module, p))
+    clf = ImageClassifier(shown, actual, module.eval(), _class_names(module, shown), _input_size(module, shown))
     with _LOCK:
         _CACHE[key] = clf
     return clf
 
 
-def _class_names(module: torch.jit.ScriptModule, p: Path) -> tuple[str, ...]:
+def _class_names(module: torch.jit.ScriptModule, p: str) -> tuple[str, ...]:
     names = getattr(module, "class_names", None)
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise ImageRoutingError(f"classifier {p}: needs an attribute 'class_names', a non-empty list of class "
@@ -113,7 +118,7 @@ def _class_names(module: torch.jit.ScriptModule, p: Path) -> tuple[str, ...]:
     return tuple(n.strip() for n in names)
 
 
-def _input_size(module: torch.jit.ScriptModule, p: Path) -> tuple[int, int]:
+def _input_size(module: torch.jit.ScriptModule, p: str) -> tuple[int, int]:
     size = getattr(module, "input_size", None)
     if isinstance(size, int) and not isinstance(size, bool):
         size = [size, size]
@@ -183,8 +188,8 @@ def image_route(class_probs: Mapping[str, float], expert_names: Sequence[str], *
                 top_k: int = 2, temperature: float = 1.0, mode: RouterMode = "rule", prompt: str = "",
                 classifier: str = "the classifier") -> Routing:
     """A Routing whose teacher is the image's distribution ("image") or the mean of the prompt's rule
-    distribution and the image's ("prompt+image"; a prompt routed to nothing, no_instrument 'off', leaves
-    the image alone). `class_probs` already carry the temperature, so a rule routing gets temperature 1
+    distribution and the image's ("prompt+image"; a prompt that names no instrument carries no evidence, so
+    whatever its no_instrument fallback, the image alone decides). `class_probs` already carry the temperature, so a rule routing gets temperature 1
     (top-k only, as the rule router does); a learned routing keeps it for the learned router's softmax."""
     if route_from not in ("image", "prompt+image"):
         raise ImageRoutingError(f"route_from must be 'image' or 'prompt+image' here, got {route_from!r}")
@@ -198,13 +203,13 @@ def image_route(class_probs: Mapping[str, float], expert_names: Sequence[str], *
     note = f"classifier {classifier}: {top_class} {class_probs[top_class]:.2f}"
     detected: tuple[str, ...] = (seen,)
     weights = image
-    if route_from == "prompt+image" and sum(prompt_routing.weights.values()) > 0:
+    if route_from == "prompt+image" and prompt_routing.detected and sum(prompt_routing.weights.values()) > 0:
         weights = {n: 0.5 * (float(prompt_routing.weights.get(n, 0.0)) + image[n]) for n in expert_names}
         detected = tuple(n for n in expert_names if n in prompt_routing.detected or n == seen)
         if prompt_routing.note:
             note = f"{note}; prompt: {prompt_routing.note}"
     elif route_from == "prompt+image":
-        note = f"{note}; the prompt routes to no expert, so the image alone"
+        note = f"{note}; the prompt names no instrument, so the image alone"
     base = prompt_routing or Routing(mode=mode, weights={}, prompt=prompt)
     return replace(base, mode=mode, weights=weights, top_k=int(top_k),
                    temperature=1.0 if mode == "rule" else float(temperature), detected=detected,

@@ -91,7 +91,7 @@ class MoERuntime:
         Which noise level: the sampler's sigma (`transformer_options["sigmas"]`, WAN's t = sigma), the
         noise level of the frames being generated; without it (a direct `apply_model` call), the largest
         timestep of the row / 1000. The two agree for every WAN 2.2 family: under TI2V 5B
-        (`WAN22.process_timestep`) the DiT receives per-token timesteps [B, N] in which the start-image frame
+        (`WAN22.process_timestep`) the DiT receives per-frame timesteps [B, F] in which the start-image frame
         has t = 0 and the generated frames the sampler's t, so the row maximum is again the generated
         frames' level. Gates and band are per clip, never per token: the start frame's t = 0 must not switch
         the experts off for the whole clip (docs/nodes.md, "Which noise level the gates use")."""

@@ -91,8 +91,10 @@ class PromptInstrumentRouter(io.ComfyNode):
                 raise ValueError(f"route_from is '{route_from}' but no image is connected: connect the start image "
                                  "(the IMAGE that feeds WanImageToVideo / Wan22ImageToVideoLatent), or set "
                                  "route_from to prompt")
-            clf = load_classifier(classifier_path(classifier), classifier_sha256)
-            probs = class_probabilities(clf, image, float(temperature))
+            clf = load_classifier(classifier_path(classifier), classifier_sha256, name=(classifier or "").strip())
+            # The temperature acts once: on the classifier's logits for the rule router, inside the learned
+            # router (which reads the classifier's own distribution as its teacher, as it reads a prompt's).
+            probs = class_probabilities(clf, image, float(temperature) if MODES[mode] == "rule" else 1.0)
             routing = image_route(probs, DEFAULT_EXPERT_NAMES, route_from=route_from, prompt_routing=routing,
                                   top_k=k, temperature=float(temperature), mode=MODES[mode], prompt=prompt or "",
                                   classifier=clf.name)

@@ -28,6 +28,8 @@ from moe_core import workflow_api as ui_to_api
 PACK = H.PACK_DIR
 APP = "window.comfyAPI.app.app"
 A14B = "wan22_a14b_t2v_lora_moe"
+I2V = "wan22_i2v_a14b_lora_moe"
+TI2V = "wan22_ti2v_5b_lora_moe"
 CORE_TEMPLATE = "video_wan2_2_14B_t2v"  # ComfyUI's own A14B template, to check the converter against
 
 #: Errors ComfyUI 0.3.64 with front end 1.27.10 logs on every page load without this pack (checked with the
@@ -149,6 +151,25 @@ async def _session(server: H.ComfyServer, chromium: str) -> dict:
               const error = node.wlmDrawn?.error;
               w.value = 0.2; w.callback?.(w.value);
               return { error };"""))
+            # The band's dotted pair boundary before any run, read from the LoRA-MoE file each workflow loads
+            # (the tiny file of its family): T2V 0.875, I2V 0.9, none for TI2V 5B's single DiT.
+            rec["band_boundary_before_run"] = {}
+            for name, tiny in ((A14B, H.TINY_MOE), (I2V, H.TINY_MOE_I2V), (TI2V, H.TINY_MOE_TI2V)):
+                url = f"/api/workflow_templates/{urllib.parse.quote(PACK)}/{name}.json"
+                await page.evaluate(f"({LOAD_WORKFLOW_JS})({json.dumps(url)}, '{name}')")
+                rec["band_boundary_before_run"][name] = await page.wait_for(f"""(() => {{
+                  const app = {APP};
+                  for (const n of app.graph.nodes.filter((n) => n.type === "WanLoRAMoE_LoadLoRAMoE")) {{
+                    const w = n.widgets.find((x) => x.name === "lora_moe");
+                    if (w.value !== {json.dumps(tiny)}) {{ w.value = {json.dumps(tiny)}; }}
+                  }}
+                  const bands = app.graph.nodes.filter((n) => n.type === "{band}");
+                  bands.forEach((n) => n.wlmRedraw());
+                  const seen = bands.map((n) => n.wlmDrawn?.boundary);
+                  return seen.every((b) => b !== undefined && b !== 0.875) || {json.dumps(name)} === "{A14B}"
+                    ? {{ boundaries: seen }} : false;
+                }})()""", timeout=20)
+            await page.evaluate(f"({LOAD_WORKFLOW_JS})({json.dumps(f'/api/workflow_templates/{urllib.parse.quote(PACK)}/{A14B}.json')}, '{A14B}')")
             # 4. Run it (tiny models) from this page's client id: the nodes' onExecuted must show the results.
             client_id = await page.evaluate(f"{APP}.api.clientId")
             prompt, _ = H.api_prompt(H.load_workflow(A14B), server.object_info(), A14B + "_browser")
@@ -259,6 +280,15 @@ def test_band_preview_follows_the_widgets(session):
     assert session["band_edited"]["levels"] == [[0.45, 0.5], [0.6, 1.0]]
     assert session["band_edited"]["image"] != session["band_initial"]["image"], "the picture must redraw"
     assert "start <= mid" in session["band_invalid"]["error"]
+
+
+def test_band_preview_draws_the_files_pair_boundary_before_a_run(session):
+    """Before a run the band's dotted high/low-noise line comes from the LoRA-MoE file upstream: the I2V pair
+    switches at t = 0.9, T2V at 0.875, and the single TI2V 5B DiT has none."""
+    seen = session["band_boundary_before_run"]
+    assert seen[A14B]["boundaries"] == [0.875, 0.875]
+    assert seen[I2V]["boundaries"] == [0.9, 0.9]
+    assert seen[TI2V]["boundaries"] == [None]
 
 
 def test_router_shows_detection_before_and_after_running(session):

@@ -199,7 +199,7 @@ def test_the_band_picture_uses_the_familys_boundary(family_sd):
 # ------------------------------------------------------------------------ noise level of the gates (TI2V)
 
 def test_ti2v_gates_follow_the_generated_frames_not_the_start_frame(family_sd):
-    """Under TI2V the DiT gets per-token timesteps with the start frame at t = 0; the gates and the band
+    """Under TI2V the DiT gets per-frame timesteps with the start frame at t = 0; the gates and the band
     follow the sampler's noise level of the generated frames, so experts stay on inside the band."""
     band = three_level_band(start=0.2, mid=0.6, mid_factor=0.5, end=1.0)
     model = load(family_sd, "ti2v")
@@ -215,11 +215,11 @@ def test_ti2v_gates_follow_the_generated_frames_not_the_start_frame(family_sd):
     latent, _ = ti2v_latent(6)
     sample_latent(patched, latent, wan_fixtures.make_context(1), wan_fixtures.make_context(2), seed=6, steps=6)
     trace = gate_trace(patched)
-    assert len(trace) == 6 and all(t.ndim == 2 and t.shape[1] > 1 for t in seen), "per-token timesteps"
+    assert len(trace) == 6 and all(t.ndim == 2 and t.shape[1] > 1 for t in seen), "per-frame timesteps"
     assert all(float(t.min()) == 0.0 for t in seen), "the start frame's tokens have t = 0"
     inside = [s for s in trace if band.factor(s["sigma"]) > 0]
     assert len(inside) >= 4
-    # the level the gates used at each step is the generated frames' t (the largest per-token timestep)
+    # the level the gates used at each step is the generated frames' t (the largest per-frame timestep)
     assert sorted(round(s["sigma"], 5) for s in trace) == sorted({round(float(t.max()) / 1000, 5) for t in seen})
     assert all(s["band"] == band.factor(s["sigma"]) for s in trace)
     for s in inside:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import warnings
+from pathlib import Path
 from typing import List
 
 import pytest
@@ -117,10 +119,11 @@ def test_prompt_plus_image_is_the_mean_then_top_k(classifier):
     assert gates == approx({"Scissors": want["Scissors"] / (want["Scissors"] + want["Suction"]),
                                    "Hook/Electrocautery": 0.0, "Other": 0.0,
                                    "Suction": want["Suction"] / (want["Scissors"] + want["Suction"])})
-    # a prompt routed to nothing (no_instrument 'off') leaves the image alone
-    off = image_route(probs, DEFAULT_EXPERT_NAMES, route_from="prompt+image", top_k=2,
-                      prompt_routing=rule_route("腹腔镜视野", fallback="off"))
-    assert off.weights == approx(image) and "image alone" in off.note
+    # a prompt that names no instrument carries no evidence: the image alone, whatever the fallback
+    for fallback in ("off", "Other"):
+        alone = image_route(probs, DEFAULT_EXPERT_NAMES, route_from="prompt+image", top_k=2,
+                            prompt_routing=rule_route("腹腔镜视野", fallback=fallback))
+        assert alone.weights == approx(image) and "image alone" in alone.note, fallback
 
 
 def test_refused_classifiers(classifier, tmp_path):
@@ -219,6 +222,22 @@ def test_router_node_routes_from_the_image_in_comfyui(N, classifier):
                                                classifier_sha256="f" * 64), "2")
     error = next(m[1] for m in messages if m[0] == "execution_error")
     assert ui is None and sha in error["exception_message"] and "colour.pt" in error["exception_message"]
+    # a file under ComfyUI's models folder is named as the user typed it, never by the server's folders
+    import folder_paths
+    rel = "wlm_test_classifiers/colour.pt"
+    target = Path(folder_paths.models_dir) / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, target)
+    try:
+        ui, messages = run_prompt(N, router_prompt(0x1ACC4D, route_from="image", classifier=rel,
+                                                   classifier_sha256=sha), "2")
+        assert ui["wlm_routing"][0]["detected"] == ["Hook/Electrocautery"], messages
+        _, messages = run_prompt(N, router_prompt(0x1ACC4D, route_from="image", classifier=rel,
+                                                  classifier_sha256="f" * 64), "2")
+        error = next(m[1] for m in messages if m[0] == "execution_error")["exception_message"]
+        assert f"classifier {rel}:" in error and folder_paths.models_dir not in error
+    finally:
+        shutil.rmtree(target.parent)
     # no image connected
     _, messages = run_prompt(N, router_prompt(None, prompt="剪刀", route_from="image", classifier=path,
                                               classifier_sha256=sha), "2")

@@ -137,6 +137,44 @@ function setupRouter(node) {
   node.wlmPanel = el;
 }
 
+// The pair boundary a band's LoRA-MoE file records (its high-noise set's sigma range starts there: T2V 0.875,
+// I2V 0.9), so the preview draws the right split before a run; null for a single-DiT file (TI2V 5B), undefined
+// while unknown. Found by walking the band's model input up to a Load LoRA-MoE node.
+const fileBoundaries = new Map();
+
+function upstreamLoader(node) {
+  let cur = node;
+  for (let hops = 0; cur && hops < 8; hops++) {
+    const slot = cur.inputs?.findIndex((i) => i.type === "MODEL") ?? -1;
+    cur = slot >= 0 ? cur.getInputNode?.(slot) : null;
+    if (cur?.comfyClass === LOADER) return cur;
+  }
+  return null;
+}
+
+function recordedBoundary(node) {
+  const loader = upstreamLoader(node);
+  const w = loader ? widget(loader, "lora_moe") : null;
+  const name = w?.value;
+  const listed = w?.options?.values;  // a file this server does not have: nothing to ask (no 404 in the console)
+  if (!name || (Array.isArray(listed) && !listed.includes(name))) return undefined;
+  if (!fileBoundaries.has(name)) {
+    fileBoundaries.set(name, undefined);
+    api.fetchApi(`/wan_lora_moe/file_info?name=${encodeURIComponent(name)}`)
+      .then((res) => (res.ok ? res.json() : null))
+      .then((info) => {
+        if (!info) return;
+        const sets = info.sets ?? {};
+        const high = sets.high_noise?.sigma_range;
+        const family = Object.values(sets).map((s) => s.model?.family).find((f) => f);
+        fileBoundaries.set(name, high ? high[0] : family === "ti2v" ? null : family === "i2v" ? 0.9 : 0.875);
+        node.wlmRedraw?.();
+      })
+      .catch(() => {});
+  }
+  return fileBoundaries.get(name);
+}
+
 function setupBand(node) {
   const canvas = document.createElement("canvas");
   canvas.className = "wlm-schedule";
@@ -155,6 +193,7 @@ function setupBand(node) {
     const ctx = canvas.getContext("2d");
     const v = (name, d) => widget(node, name)?.value ?? d;
     const last = node.wlmSchedule;
+    const fileBoundary = last ? undefined : recordedBoundary(node);
     let data;
     try {
       const levels = presetBand(v("preset", "three-level"), {
@@ -162,7 +201,7 @@ function setupBand(node) {
       }, v("preset") === "file default" && last ? last.band : null);
       data = {
         levels, steps: Math.max(1, Math.round(v("preview_steps", 20))), shift: v("preview_shift", 8.0),
-        experts: last?.experts, rawVsT: last?.raw_vs_t, emaBeta: last?.ema_beta, boundary: last ? last.boundary : 0.875,
+        experts: last?.experts, rawVsT: last?.raw_vs_t, emaBeta: last?.ema_beta, boundary: last ? last.boundary : fileBoundary === undefined ? 0.875 : fileBoundary,
       };
     } catch (e) {
       data = { error: String(e.message ?? e) };
