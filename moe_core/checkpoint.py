@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path
 from .band import DEFAULT_BAND, BandError, TimestepBand
-from .families import FAMILIES, T2V_BOUNDARY, model_record_problem
+from .families import T2V_BOUNDARY, model_record_problem
 
 FORMAT_NAME = "wan-lora-moe"
 FORMAT_VERSION = 1

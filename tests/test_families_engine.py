@@ -15,10 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import comfy.latent_formats
 import comfy.model_management
 import comfy.sample
-import node_helpers
 import wan_fixtures
 from comfy.patcher_extension import WrappersMP
 
@@ -58,31 +56,24 @@ def load(family_sd, family: str, seed: int = 0):
     return wan_fixtures.load_tiny_wan(family_sd(family, seed))
 
 
-# ------------------------------------------------------------------------------ conditioning, by hand
+# ------------------------------------------- conditioning: the core nodes' own code on a chosen latent
 
 def i2v_conditioning(seed: int, frames: int = 3, size: int = 8) -> tuple[list, list]:
-    """(positive, negative) as WanImageToVideo gives them for a start image: `concat_latent_image` (the VAE
-    latent of the start frame followed by grey frames) and `concat_mask` (0 on the start frame)."""
+    """(positive, negative) from core WanImageToVideo for a start image whose [start, grey frames] latent is
+    random: `concat_latent_image` and `concat_mask` (0 on the start frame)."""
     g = torch.Generator().manual_seed(seed)
     concat_latent_image = torch.randn(1, 16, frames, size, size, generator=g)
-    mask = torch.ones(1, 1, frames, size, size)
-    mask[:, :, :1] = 0.0
-    values = {"concat_latent_image": concat_latent_image, "concat_mask": mask}
-    pos = node_helpers.conditioning_set_values(wan_fixtures.conditioning(wan_fixtures.make_context(1)), values)
-    neg = node_helpers.conditioning_set_values(wan_fixtures.conditioning(wan_fixtures.make_context(2)), values)
+    pos, neg, _ = wan_fixtures.wan_image_to_video(wan_fixtures.conditioning(wan_fixtures.make_context(1)),
+                                                  wan_fixtures.conditioning(wan_fixtures.make_context(2)),
+                                                  concat_latent_image)
     return pos, neg
 
 
 def ti2v_latent(seed: int, frames: int = 3, size: int = 8) -> tuple[dict, torch.Tensor]:
-    """The LATENT Wan22ImageToVideoLatent makes (`samples` with the start latent in frame 0, `noise_mask` 0
-    there), built with its own lines from a start latent `start` [1, 48, 1, h, w] as the VAE returns it."""
+    """The LATENT core Wan22ImageToVideoLatent makes (`samples` with the start latent in frame 0, `noise_mask`
+    0 there) for a random start latent `start` [1, 48, 1, h, w] as the VAE returns it."""
     start = torch.randn(1, 48, 1, size, size, generator=torch.Generator().manual_seed(seed))
-    latent = torch.zeros(1, 48, frames, size, size)
-    mask = torch.ones(1, 1, frames, size, size)
-    latent[:, :, :1] = start
-    mask[:, :, :1] *= 0.0
-    latent = comfy.latent_formats.Wan22().process_out(latent) * mask + latent * (1.0 - mask)
-    return {"samples": latent, "noise_mask": mask}, start
+    return wan_fixtures.wan22_image_to_video_latent(start, frames), start
 
 
 def sample_latent(model, latent: dict, positive, negative, seed: int, steps: int = 4, cfg: float = 4.0):

@@ -223,17 +223,8 @@ def test_i2v_sample_without_its_start_image_is_refused(dit_files):
 # -------------------------------------------------------------------------------------------- TI2V
 
 def wan22_start_latent(start_latent: torch.Tensor, frames: int, batch_size: int = 1):
-    """What core ``Wan22ImageToVideoLatent.execute`` returns for a start image whose VAE latent is
-    ``start_latent`` [1, 48, 1, h, w] (its code with ``vae.encode(start_image)`` given, nothing else changed)."""
-    import comfy.latent_formats
-
-    latent = torch.zeros([1, 48, frames, start_latent.shape[-2], start_latent.shape[-1]])
-    mask = torch.ones([latent.shape[0], 1, frames, latent.shape[-2], latent.shape[-1]])
-    latent[:, :, :start_latent.shape[-3]] = start_latent
-    mask[:, :, :start_latent.shape[-3]] *= 0.0
-    latent = comfy.latent_formats.Wan22().process_out(latent) * mask + latent * (1.0 - mask)
-    return {"samples": latent.repeat((batch_size,) + (1,) * (latent.ndim - 1)),
-            "noise_mask": mask.repeat((batch_size,) + (1,) * (mask.ndim - 1))}
+    """What core ``Wan22ImageToVideoLatent`` returns for a start image whose VAE latent is ``start_latent``."""
+    return wan_fixtures.wan22_image_to_video_latent(start_latent, frames, batch_size)
 
 
 @pytest.mark.parametrize("start", [True, False], ids=["start-frame", "text-only"])
@@ -416,6 +407,15 @@ def test_the_family_comes_from_the_dit_and_a_mismatch_is_refused(dit_files, tmp_
         resolve_family(_cfg(model=pair, data={"family": "t2v"}))
     with pytest.raises(TrainingSetupError, match="one DiT, not a high/low-noise pair: set model.dit"):
         resolve_family(_cfg(model={"dit_high": str(dit_files["ti2v"]), "dit_low": str(dit_files["ti2v"])}))
+    # an old config's explicit T2V boundary on the I2V pair is refused; another value is a warning
+    with pytest.raises(TrainingSetupError, match=r"model.boundary = 0.875 is the WAN 2.2 T2V A14B.*t = 0.9"):
+        resolve_family(_cfg(model=dict(pair, boundary=0.875)))
+    said = []
+    cfg, _ = resolve_family(_cfg(model=dict(pair, boundary=0.8)), said.append)
+    assert cfg.model.boundary == 0.8 and any(l.startswith("warning: model.boundary = 0.8") for l in said)
+    said = []
+    resolve_family(_cfg(model={"dit": str(dit_files["ti2v"])}, data={"target_fps": 16}), said.append)
+    assert any("warning: data.target_fps = 16" in l and "24 fps" in l for l in said), said
     t2v = _write_dit(tmp_path / "t2v.safetensors", "t2v", 0)
     with pytest.raises(TrainingSetupError, match="different families"):
         resolve_family(_cfg(model={"dit_high": str(t2v), "dit_low": str(dit_files["i2v_low"])}))
@@ -469,6 +469,13 @@ def test_ti2v_samples_draw_their_start_frame_and_its_frame_is_not_trained(dit_fi
     moved[:, :, 0] += 5.0
     assert torch.equal(per_sample_loss(pred, sample.target, sample.loss_weights),
                        per_sample_loss(moved, sample.target, sample.loss_weights))
+    # a one-latent-frame window (a 1-frame clip) is never all start frame: it trains as text-to-video
+    short = [{"latent": d["latent"][:, :1], "context": d["context"]} for d in data]
+    trainer = Trainer(DiTSet([dit]), short, TimestepSampler(), LoopSettings(start_frame_probability=1.0),
+                      tmp_path / "short", {})
+    rows = [trainer._prepare_row(i) for i in range(4)]
+    assert not any(r["start_frame"] for r in rows)
+    assert torch.isfinite(per_sample_loss(pred, sample.target, torch.zeros_like(sample.loss_weights))).all()
     dit.release()
     t2v_dit = TrainableDiT("default", load_dit(_write_dit(tmp_path / "t2v.safetensors", "t2v", 0)),
                            AdapterBank.from_adapter_set(moe.sets["default"], len(NAMES), [1]), (0.0, 1.0),

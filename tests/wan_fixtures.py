@@ -135,6 +135,50 @@ def sample(model, positive, negative, seed: int, steps: int = 4, cfg: float = 4.
 
 # ------------------------------------------------------------------------------ WAN 2.2 VAE (TI2V 5B)
 
+class GivenLatentVAE:
+    """A VAE stand-in for the core image-to-video nodes: `encode` returns the given latent, so a test runs the
+    nodes' own code (`WanImageToVideo`, `Wan22ImageToVideoLatent`) on a chosen latent without a real VAE."""
+
+    def __init__(self, latent: torch.Tensor):
+        self.latent = latent
+        self.encoded: list[tuple[int, ...]] = []  # the shapes of the images the node encoded
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.encoded.append(tuple(image.shape))
+        return self.latent.clone()
+
+
+def _node_result(out) -> tuple:
+    return tuple(out.result) if hasattr(out, "result") else tuple(out)
+
+
+def wan_image_to_video(positive, negative, concat_latent: torch.Tensor) -> tuple[list, list, dict]:
+    """Core `WanImageToVideo` (I2V A14B) for a start image whose [start, grey frames...] VAE latent is
+    `concat_latent` [1, 16, F, h, w]: (positive, negative, latent) with `concat_latent_image` / `concat_mask`."""
+    from comfy_extras.nodes_wan import WanImageToVideo
+
+    frames, h, w = concat_latent.shape[-3:]
+    start = torch.full((1, 8 * h, 8 * w, 3), 0.5)
+    vae = GivenLatentVAE(concat_latent)
+    out = _node_result(WanImageToVideo.execute(positive, negative, vae, 8 * w, 8 * h, 4 * (frames - 1) + 1, 1,
+                                               start_image=start))
+    assert vae.encoded == [(4 * (frames - 1) + 1, 8 * h, 8 * w, 3)], "the node encodes start + grey frames"
+    return out[0], out[1], out[2]
+
+
+def wan22_image_to_video_latent(start_latent: torch.Tensor, frames: int, batch_size: int = 1) -> dict:
+    """Core `Wan22ImageToVideoLatent` (TI2V 5B) for a start image whose VAE latent is `start_latent`
+    [1, 48, 1, h, w]: the LATENT with the start frame in latent frame 0 and its `noise_mask`."""
+    from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
+
+    h, w = start_latent.shape[-2:]
+    vae = GivenLatentVAE(start_latent)
+    out = _node_result(Wan22ImageToVideoLatent.execute(vae, 16 * w, 16 * h, 4 * (frames - 1) + 1, batch_size,
+                                                       start_image=torch.full((1, 16 * h, 16 * w, 3), 0.5)))
+    assert vae.encoded == [(1, 16 * h, 16 * w, 3)], "the node encodes the start image alone"
+    return out[0]
+
+
 def wan22_vae_file() -> Path:
     """A random WAN 2.2 VAE ``.safetensors`` (seed 0, fp16, 1.4 GB; its width is fixed by ComfyUI's loader),
     built once and kept in ``$WLM_TEST_MODELS`` (default ``~/.cache/comfyui-wanloramoe/test-models``) so
@@ -146,10 +190,15 @@ def wan22_vae_file() -> Path:
     from moe_core.atomic import atomic_path
     from training.demo import build_random_wan22_vae
 
+    import comfyui_version
+
     root = Path(os.environ.get("WLM_TEST_MODELS", Path.home() / ".cache" / "comfyui-wanloramoe" / "test-models"))
-    path = root / "random_wan22_vae_seed0_fp16.safetensors"
+    # keyed by ComfyUI's version: the VAE's layout is ComfyUI's, and a stale file would load as a wrong model
+    path = root / f"random_wan22_vae_seed0_fp16_comfyui-{comfyui_version.__version__}.safetensors"
     if not path.is_file():
         root.mkdir(parents=True, exist_ok=True)
+        for old in root.glob("random_wan22_vae_seed0_fp16*.safetensors"):  # 1.4 GB each: keep one
+            old.unlink()
         with atomic_path(path) as tmp:
             save_file(build_random_wan22_vae(seed=0), str(tmp))
     return path

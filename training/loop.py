@@ -261,8 +261,9 @@ class Trainer:
         dit_index = fixed if fixed is not None else self.dits.index_for(float(t))
         row = {"item": item, "t": t, "noise": noise, "dit": dit_index, "position": position}
         if self._start_frames:  # TI2V: drawn after the noise, so the other families' streams are unchanged
-            row["start_frame"] = bool(torch.rand(1, generator=gen, dtype=torch.float64)[0]
-                                      < self.s.start_frame_probability)
+            drawn = bool(torch.rand(1, generator=gen, dtype=torch.float64)[0] < self.s.start_frame_probability)
+            # a one-latent-frame window would be all start frame: nothing left to learn, trained as text-to-video
+            row["start_frame"] = drawn and item["latent"].shape[1] > 1
         return row
 
     def _groups(self, rows: list[dict]) -> list[tuple[int, list[dict]]]:

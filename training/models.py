@@ -32,7 +32,7 @@ import torch
 import torch.utils.checkpoint
 
 from moe_core.checkpoint import A14B_BOUNDARY
-from moe_core.families import FAMILIES, ModelFamily, ModelFamilyError, family_of_model
+from moe_core.families import ModelFamily, ModelFamilyError, family_of_model
 
 from .adapters import AdapterBank, block_of
 from .objective import noisy_input

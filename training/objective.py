@@ -177,7 +177,7 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Ten
     if weights is None:
         return err.mean(dim=dims)
     w = weights.float().expand_as(err)
-    return (w * err).sum(dim=dims) / w.sum(dim=dims)
+    return (w * err).sum(dim=dims) / w.sum(dim=dims).clamp_min(1e-12)  # all-zero weights: 0, not NaN
 
 
 __all__ = ["TIMESTEP_SAMPLINGS", "TIMESTEP_SCALE", "TimestepSampler", "frame_weights", "noisy_input", "per_sample_loss",

@@ -83,7 +83,7 @@ def resolve_family(cfg, log_fn: Callable[[str], None] | None = None):
     from .models import ModelFileError, resolve_model_path
 
     m, d = cfg.model, cfg.data
-    families = {}
+    families, paths = {}, {}
     for name, spec in dit_specs(cfg):
         path = resolve_model_path(spec, f"{name} DiT" if name != "default" else "DiT")
         if not is_safetensors(path):
@@ -97,6 +97,7 @@ def resolve_family(cfg, log_fn: Callable[[str], None] | None = None):
             continue
         try:
             families[name] = family_from_dims(layout.in_channels, layout.out_channels, f"DiT model {path}")
+            paths[name] = path
         except ModelFamilyError as e:
             raise ModelFileError(str(e)) from None
     if not families:
@@ -105,7 +106,7 @@ def resolve_family(cfg, log_fn: Callable[[str], None] | None = None):
         names = {f.name for f in families.values()}
         if len(names) > 1:
             raise TrainingSetupError("model.dit_high and model.dit_low are DiTs of different families ("
-                                     + ", ".join(f"{n}: {f.title}" for n, f in families.items())
+                                     + ", ".join(f"{n} {paths[n]}: {f.title}" for n, f in families.items())
                                      + "): an A14B pair is two DiTs of one model")
         fam = next(iter(families.values()))
     if m.dit_high and not fam.pair:
@@ -118,9 +119,23 @@ def resolve_family(cfg, log_fn: Callable[[str], None] | None = None):
     boundary = m.boundary
     if boundary == "auto":
         boundary = fam.boundary if fam.boundary is not None else FAMILIES["t2v"].boundary
-    elif fam.boundary is not None and m.dit_high and abs(boundary - fam.boundary) > 1e-9 and log_fn is not None:
-        log_fn(f"note: model.boundary = {boundary:g}, while {fam.title} switches DiTs at t = {fam.boundary:g} "
-               "(model.boundary = \"auto\" uses it)")
+    elif fam.boundary is not None and m.dit_high and abs(boundary - fam.boundary) > 1e-9:
+        other = next((f for f in FAMILIES.values() if f.boundary is not None and f.name != fam.name
+                      and abs(boundary - f.boundary) < 1e-9), None)
+        if other is not None:  # another pair's switch: almost surely a config copied from that model's
+            raise TrainingSetupError(
+                f"model.boundary = {boundary:g} is the {other.title} pair's switch, but the DiTs are {fam.title}, "
+                f"which ComfyUI's workflows switch at t = {fam.boundary:g}: the low-noise DiT would never train "
+                f"on the t it samples between the two; set model.boundary = \"auto\" (or another value on purpose)")
+        if log_fn is not None:
+            log_fn(f"warning: model.boundary = {boundary:g}, while {fam.title} switches DiTs at t = "
+                   f"{fam.boundary:g} in ComfyUI's workflows (model.boundary = \"auto\" uses it)")
+    if log_fn is not None:
+        for key, value, want in (("data.max_frames", d.max_frames, fam.frames),
+                                 ("data.target_fps", d.target_fps, float(fam.fps))):
+            if value and value != want and fam.name == "ti2v":
+                log_fn(f"warning: {key} = {value:g}, while {fam.title} makes {fam.frames}-frame clips at "
+                       f"{fam.fps} fps (0 uses the family's)")
     data = dataclasses.replace(d, family=fam.name, max_frames=d.max_frames or fam.frames,
                                target_fps=d.target_fps or float(fam.fps))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, boundary=float(boundary)), data=data)
@@ -291,7 +306,8 @@ def check_data_fits(dataset, family) -> None:
     item = dataset[0]
     channels = item["latent"].shape[0]
     if channels != family.latent_channels:
-        raise TrainingSetupError(f"the cached latents have {channels} channels but {family.title} works on "
+        raise TrainingSetupError(f"the cached latents (data.vae, data.cache_dir; window of {item.get('name', '?')}) "
+                                 f"have {channels} channels but {family.title} works on "
                                  f"{family.latent_channels}-channel latents: the VAE does not belong to this DiT "
                                  "(WAN 2.1 / 2.2 A14B use the WAN 2.1 VAE with 16 channels; the WAN 2.2 TI2V 5B "
                                  "model uses the 2.2 VAE with 48)")

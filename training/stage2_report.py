@@ -141,7 +141,8 @@ def write_stage2_pictures(trainer, cfg, out_dir: Path, validation: dict | None) 
             tiles.append(render_schedule(routing, names, d.band, steps=CHECK_STEPS, shift=CHECK_SHIFT,
                                          ema_beta=d.ema_beta, router=router,
                                          title=f"learned router ({set_name}), prompt {prompt!r} ({name})",
-                                         size=(960, 360), max_gate=d.max_gate, clip_level=d.clip_level))
+                                         size=(960, 360), max_gate=d.max_gate, clip_level=d.clip_level,
+                                         boundary=trainer.dits.boundary if set_name != "default" else None))
         router.train()
         sheet = Image.new("RGB", (960, 360 * len(tiles)), "white")
         for i, tile in enumerate(tiles):
