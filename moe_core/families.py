@@ -85,7 +85,15 @@ def family_from_dims(in_dim: int, out_dim: int | None = None, what: str = "the m
 
 
 def family_of_model(diffusion_model: Any, what: str = "the model") -> ModelFamily:
-    """The family of a loaded `comfy.ldm.wan.model.WanModel` (its patch embedding and output width)."""
+    """The family of a loaded `comfy.ldm.wan.model.WanModel` (its patch embedding and output width). WAN
+    variants with other inputs share those widths (WAN 2.1 I2V / Fun-InP: 36 channels plus CLIP-vision image
+    embeddings, ComfyUI's ``model_type`` i2v; VACE, camera, audio: subclasses), so they are refused by name."""
+    model_type = getattr(diffusion_model, "model_type", "t2v")
+    kind = type(diffusion_model).__name__
+    if model_type != "t2v" or kind != "WanModel":
+        raise ModelFamilyError(f"{what} is a WAN {model_type} {kind} (CLIP-vision image embeddings, VACE, camera or "
+                               "audio inputs: WAN 2.1 I2V, Fun-InP and the like), none of the supported models (WAN "
+                               "2.2 T2V A14B, I2V A14B, TI2V 5B)")
     in_dim = int(diffusion_model.patch_embedding.in_channels)
     out_dim = getattr(diffusion_model, "out_dim", None)
     return family_from_dims(in_dim, None if out_dim is None else int(out_dim), what)

@@ -180,6 +180,24 @@ def test_a_file_refuses_a_model_of_another_family(family_sd):
         apply_lora_moe(model, random_moe(seed=3, model=dict(SHAPE)))
 
 
+def test_an_i2v_file_refuses_wan21_i2v_with_clip_image_inputs():
+    """WAN 2.1 I2V 14B (and Fun-InP) read 36 channels too, but also CLIP-vision embeddings (ComfyUI's
+    model_type i2v): not the WAN 2.2 I2V A14B an i2v file was trained on."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    model = comfy.ldm.wan.model.WanModel(model_type="i2v", patch_size=(1, 2, 2), in_dim=36, dim=128, ffn_dim=256,
+                                         freq_dim=256, text_dim=4096, out_dim=16, num_heads=1, num_layers=10,
+                                         operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in model.state_dict().items()}
+    wan21_i2v = wan_fixtures.load_tiny_wan(sd)
+    assert wan21_i2v.get_model_object("diffusion_model").model_type == "i2v"
+    with pytest.raises(LoraMoEModelError, match=r"a WAN i2v WanModel \(CLIP-vision image embeddings.*none of the "
+                                                r"supported models"):
+        apply_lora_moe(wan21_i2v, random_moe(seed=3, model=record("i2v")))
+
+
 def test_the_band_picture_uses_the_familys_boundary(family_sd):
     i2v = apply_lora_moe(load(family_sd, "i2v"), random_moe(seed=4, sets=("high_noise",), model=record("i2v")))
     t2v = apply_lora_moe(load(family_sd, "t2v"), random_moe(seed=4, sets=("high_noise",)))
