@@ -9,29 +9,24 @@ The image-to-video workflows load ``surgical_start_frame.png`` (rendered here wh
 synthetic clip renderer); ComfyUI's LoadImage finds it once copied to ``ComfyUI/input/``.
 
 Widget values are written by input name and placed in the front end's order using ComfyUI's node
-definitions (the same rules as moe_core/workflow_api.py), so a change of a node's inputs shows up here as an
-error instead of as a silently shifted value. Positions and sizes are laid out by hand below. After
+definitions (scripts/workflow_graph.py, the same rules as moe_core/workflow_api.py), so a change of a node's
+inputs shows up here as an error instead of as a silently shifted value. Positions and sizes are laid out by hand below. After
 regenerating, run the browser test: it loads every workflow in the real front end.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-import uuid
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from moe_core.workflow_api import UPLOAD_BUTTON, has_upload_button, widget_names  # noqa: E402
+from workflow_graph import Graph, Node, object_info_from, object_info_inprocess  # noqa: E402
 
 OUT_DIR = REPO / "workflows"
-PACK_NODE_PROPS = {"cnr_id": "comfyui-wanloramoe", "ver": "0.1.0"}
-CORE_NODE_PROPS = {"cnr_id": "comfy-core", "ver": "0.3.64"}
 
 # Model files (names as in ComfyUI's own WAN 2.2 A14B template) and where they go.
 HF = "https://huggingface.co/Comfy-Org"
@@ -211,189 +206,23 @@ after its loaders. Lower the resolution / length first: this sheet renders six v
 """
 
 
-# ----------------------------------------------------------------------------------------- node infos
-
-def object_info_inprocess() -> dict:
-    """/object_info as the server would send it: ComfyUI's core and extra nodes plus this pack's nodes."""
-    from moe_core.comfy_runtime import ensure_comfy
-
-    ensure_comfy(cpu=True)
-    import utils  # noqa: F401  ComfyUI's utils package, imported before nodes as main.py does (some
-    # comfy modules put comfy/ on sys.path, where a utils.py would shadow it)
-    import tempfile
-
-    import folder_paths
-
-    scratch = tempfile.mkdtemp(prefix="wlm-build-")  # some node modules create folders at import
-    folder_paths.set_input_directory(scratch)
-    folder_paths.set_output_directory(scratch)
-    folder_paths.set_temp_directory(scratch)
-    import nodes  # ComfyUI's nodes.py
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    from pack_fixtures import import_pack
-
-    pack = import_pack()
-    for cls in pack.NODES:
-        nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
-    out = {}
-    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
-        if hasattr(cls, "GET_NODE_INFO_V1"):
-            out[name] = cls.GET_NODE_INFO_V1()
-            continue
-        spec = cls.INPUT_TYPES()
-        out[name] = {"input": spec, "input_order": {k: list(v) for k, v in spec.items()},
-                     "output": list(cls.RETURN_TYPES),
-                     "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES),
-                     "display_name": nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name, name)}
-    return out
-
-
-def object_info_from(source: str) -> dict:
-    if source.startswith("http"):
-        import urllib.request
-
-        with urllib.request.urlopen(source) as r:
-            return json.load(r)
-    return json.loads(Path(source).read_text())
-
-
-# -------------------------------------------------------------------------------------------- builder
-
-def _spec_default(spec: list) -> Any:
-    kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
-    if "default" in options:
-        return options["default"]
-    if isinstance(kind, list):
-        return kind[0] if kind else None
-    if kind == "COMBO":
-        return (options.get("options") or [None])[0]
-    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
-
-
-class Node:
-    def __init__(self, graph: "Graph", nid: int, kind: str, pos, size, title, widgets, color, properties):
-        self.graph, self.id, self.kind = graph, nid, kind
-        self.pos, self.size, self.title, self.color = list(pos), list(size), title, color
-        self.widgets = dict(widgets or {})
-        self.properties = properties
-        self.in_links: dict[str, int] = {}
-        self.out_links: dict[int, list[int]] = {}
-
-    @property
-    def info(self) -> dict:
-        return self.graph.info[self.kind]
-
-    def to_json(self, order: int) -> dict:
-        if self.kind in ("Note", "MarkdownNote"):
-            return {"id": self.id, "type": self.kind, "pos": self.pos, "size": self.size, "flags": {},
-                    "order": order, "mode": 0, "inputs": [], "outputs": [], "title": self.title,
-                    "properties": {}, "widgets_values": [self.widgets["text"]],
-                    **({"color": self.color[0], "bgcolor": self.color[1]} if self.color else {})}
-        info = self.info
-        widgets = widget_names(info)
-        names = {n for n, _ in widgets}
-        unknown = set(self.widgets) - names
-        if unknown:
-            raise KeyError(f"{self.kind}: no widget inputs {sorted(unknown)}; it has {sorted(names)}")
-        values: list[Any] = []
-        for name, control in widgets:
-            if name == UPLOAD_BUTTON and has_upload_button(info):  # LoadImage's upload button: value "image"
-                values.append("image")
-                continue
-            section = "required" if name in info["input"].get("required", {}) else "optional"
-            spec = info["input"][section][name]
-            values.append(self.widgets.get(name, _spec_default(spec)))
-            if control:
-                values.append("fixed")
-        inputs = []
-        for section in ("required", "optional"):
-            specs = info["input"].get(section, {})
-            for name in info.get("input_order", {}).get(section, list(specs)):
-                spec = specs[name]
-                is_widget = name in names
-                if is_widget and name not in self.in_links:
-                    continue
-                kind = spec[0] if isinstance(spec[0], str) else "COMBO"
-                slot = {"name": name, "type": kind, "link": self.in_links.get(name)}
-                if section == "optional" and not is_widget:
-                    slot["shape"] = 7
-                if is_widget:
-                    slot["widget"] = {"name": name}
-                inputs.append(slot)
-        outputs = []
-        for i, (otype, oname) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
-            outputs.append({"name": oname, "type": otype if isinstance(otype, str) else "COMBO",
-                            "links": self.out_links.get(i, []), "slot_index": i})
-        props = dict(PACK_NODE_PROPS if self.kind.startswith("WanLoRAMoE_") else CORE_NODE_PROPS)
-        props["Node name for S&R"] = self.kind
-        models = [{"name": v, "url": MODEL_URLS[v][0], "directory": MODEL_URLS[v][1]}
-                  for v in self.widgets.values() if isinstance(v, str) and v in MODEL_URLS]
-        if models:
-            props["models"] = models
-        props.update(self.properties or {})
-        out = {"id": self.id, "type": self.kind, "pos": self.pos, "size": self.size, "flags": {}, "order": order,
-               "mode": 0, "inputs": inputs, "outputs": outputs, "properties": props, "widgets_values": values}
-        if self.title:
-            out["title"] = self.title
-        if self.color:
-            out["color"], out["bgcolor"] = self.color
-        return out
-
-
-class Graph:
-    def __init__(self, name: str, info: dict):
-        self.name, self.info = name, info
-        self.nodes: list[Node] = []
-        self.links: list[list] = []
-        self.groups: list[dict] = []
-
-    def add(self, kind: str, pos, size=(320, 120), title: str | None = None, widgets: dict | None = None,
-            color: tuple[str, str] | None = None, properties: dict | None = None) -> Node:
-        if kind not in ("Note", "MarkdownNote") and kind not in self.info:
-            raise KeyError(f"unknown node type {kind}")
-        node = Node(self, len(self.nodes) + 1, kind, pos, size, title, widgets, color, properties)
-        self.nodes.append(node)
-        return node
-
-    def note(self, text: str, pos, size, title: str) -> Node:
-        return self.add("MarkdownNote", pos, size, title=title, widgets={"text": text})
-
-    def connect(self, src: Node, output: int | str, dst: Node, name: str) -> None:
-        if isinstance(output, str):
-            names = src.info.get("output_name", src.info["output"])
-            output = list(names).index(output)
-        otype = src.info["output"][output]
-        link_id = len(self.links) + 1
-        dst_specs = {**dst.info["input"].get("required", {}), **dst.info["input"].get("optional", {})}
-        if name not in dst_specs:
-            raise KeyError(f"{dst.kind} has no input {name}")
-        self.links.append([link_id, src.id, output, dst.id, None, otype])  # to_slot filled in to_json
-        dst.in_links[name] = link_id
-        src.out_links.setdefault(output, []).append(link_id)
-
-    def group(self, title: str, nodes: list[Node], color: str = "#3f789e", pad: int = 75) -> None:
-        x0 = min(n.pos[0] for n in nodes) - 10
-        y0 = min(n.pos[1] for n in nodes) - pad
-        x1 = max(n.pos[0] + n.size[0] for n in nodes) + 10
-        y1 = max(n.pos[1] + n.size[1] for n in nodes) + 10
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
-                            "color": color, "font_size": 22, "flags": {}})
-
-    def to_json(self) -> dict:
-        nodes = [n.to_json(i) for i, n in enumerate(self.nodes)]
-        by_id = {n["id"]: n for n in nodes}
-        for link in self.links:
-            dst = by_id[link[3]]
-            link[4] = next(i for i, s in enumerate(dst["inputs"]) if s["link"] == link[0])
-        return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-wanloramoe/{self.name}")), "revision": 0,
-                "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": nodes,
-                "links": self.links, "groups": self.groups, "config": {},
-                "extra": {"ds": {"scale": 0.55, "offset": [60, 120]}}, "version": 0.4}
-
-
 GREEN = ("#232", "#353")
 PURPLE = ("#323", "#535")
+
+
+def prompt_nodes(g: Graph, n: dict, x: int, y: int) -> dict:
+    """The shared prompt String (column x) feeding the positive text encoding, and the negative one, both on
+    `n["clip"]`; added to `n`, which is returned."""
+    n["prompt"] = g.add("PrimitiveStringMultiline", (x, y), (420, 160), "Prompt (shared)",
+                        {"value": PROMPT}, color=GREEN)
+    n["pos"] = g.add("CLIPTextEncode", (x, y + 200), (420, 80), "CLIP Text Encode (Positive Prompt)",
+                     {"text": ""}, color=GREEN)
+    n["neg"] = g.add("CLIPTextEncode", (x, y + 320), (420, 150), "CLIP Text Encode (Negative Prompt)",
+                     {"text": NEGATIVE}, color=PURPLE)
+    g.connect(n["prompt"], 0, n["pos"], "text")
+    g.connect(n["clip"], 0, n["pos"], "clip")
+    g.connect(n["clip"], 0, n["neg"], "clip")
+    return n
 
 
 def shared_inputs(g: Graph, x: int = 0, y: int = 0):
@@ -408,16 +237,7 @@ def shared_inputs(g: Graph, x: int = 0, y: int = 0):
     n["vae"] = g.add("VAELoader", (x, y + 420), (330, 58), None, {"vae_name": VAE})
     n["latent"] = g.add("EmptyHunyuanLatentVideo", (x, y + 530), (330, 130), None,
                         {"width": WIDTH, "height": HEIGHT, "length": LENGTH, "batch_size": 1})
-    n["prompt"] = g.add("PrimitiveStringMultiline", (x + 370, y), (420, 160), "Prompt (shared)",
-                        {"value": PROMPT}, color=GREEN)
-    n["pos"] = g.add("CLIPTextEncode", (x + 370, y + 200), (420, 80), "CLIP Text Encode (Positive Prompt)",
-                     {"text": ""}, color=GREEN)
-    n["neg"] = g.add("CLIPTextEncode", (x + 370, y + 320), (420, 150), "CLIP Text Encode (Negative Prompt)",
-                     {"text": NEGATIVE}, color=PURPLE)
-    g.connect(n["prompt"], 0, n["pos"], "text")
-    g.connect(n["clip"], 0, n["pos"], "clip")
-    g.connect(n["clip"], 0, n["neg"], "clip")
-    return n
+    return prompt_nodes(g, n, x + 370, y)
 
 
 def model_sampling(g: Graph, model_high: Node, model_low: Node, x: int, y_high: int, y_low: int):
@@ -429,21 +249,28 @@ def model_sampling(g: Graph, model_high: Node, model_low: Node, x: int, y_high: 
 
 
 def sampler_pair(g: Graph, n: dict, ms_high: Node, ms_low: Node, x: int, y_high: int, y_low: int,
-                 suffix: str = "", size=(300, 330)):
-    """The two KSamplerAdvanced split at the boundary; returns the final sampler and both samplers."""
-    ks_high = g.add("KSamplerAdvanced", (x, y_high), size, f"KSampler high noise (steps 0-{SPLIT - 1}){suffix}",
+                 suffix: str = "", size=(300, 330), split: int = SPLIT, cond: tuple | None = None,
+                 latent: tuple | None = None):
+    """The two KSamplerAdvanced split at the pair's boundary (step `split`); returns the final sampler and both
+    samplers. `cond` = (node, positive slot, negative slot) and `latent` = (node, slot) default to the text
+    encodings and the empty latent (I2V: WanImageToVideo's outputs)."""
+    cond = cond or (None, None, None)
+    positive = (cond[0], cond[1]) if cond[0] is not None else (n["pos"], 0)
+    negative = (cond[0], cond[2]) if cond[0] is not None else (n["neg"], 0)
+    latent = latent or (n["latent"], 0)
+    ks_high = g.add("KSamplerAdvanced", (x, y_high), size, f"KSampler high noise (steps 0-{split - 1}){suffix}",
                     {"add_noise": "enable", "noise_seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
-                     "scheduler": "simple", "start_at_step": 0, "end_at_step": SPLIT,
+                     "scheduler": "simple", "start_at_step": 0, "end_at_step": split,
                      "return_with_leftover_noise": "enable"})
-    ks_low = g.add("KSamplerAdvanced", (x, y_low), size, f"KSampler low noise (steps {SPLIT}-{STEPS - 1}){suffix}",
+    ks_low = g.add("KSamplerAdvanced", (x, y_low), size, f"KSampler low noise (steps {split}-{STEPS - 1}){suffix}",
                    {"add_noise": "disable", "noise_seed": 0, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
-                    "scheduler": "simple", "start_at_step": SPLIT, "end_at_step": 10000,
+                    "scheduler": "simple", "start_at_step": split, "end_at_step": 10000,
                     "return_with_leftover_noise": "disable"})
     for ks, ms in ((ks_high, ms_high), (ks_low, ms_low)):
         g.connect(ms, 0, ks, "model")
-        g.connect(n["pos"], 0, ks, "positive")
-        g.connect(n["neg"], 0, ks, "negative")
-    g.connect(n["latent"], 0, ks_high, "latent_image")
+        g.connect(positive[0], positive[1], ks, "positive")
+        g.connect(negative[0], negative[1], ks, "negative")
+    g.connect(latent[0], latent[1], ks_high, "latent_image")
     g.connect(ks_high, 0, ks_low, "latent_image")
     return ks_low, [ks_high, ks_low]
 
@@ -495,7 +322,7 @@ def band(g: Graph, model: Node, x: int, y: int, title: str, steps: int = STEPS, 
 def build_a14b(info: dict, override: bool) -> dict:
     """Two rows, high-noise DiT on top and low-noise DiT below: loader -> LoRA-MoE -> band -> shift -> sampler."""
     name = "wan22_a14b_t2v_lora_moe_gate_override" if override else "wan22_a14b_t2v_lora_moe"
-    g = Graph(name, info)
+    g = Graph(name, info, MODEL_URLS)
     g.note(FILES_NOTE, (-500, 0), (460, 500), "Model files")
     n = shared_inputs(g)
     r = router(g, n, 370, 510)
@@ -523,7 +350,7 @@ def build_a14b(info: dict, override: bool) -> dict:
 
 def build_sheet(info: dict) -> dict:
     """Six columns pairs (one per variant) in two bands of three, stitched 3 x 2 into one video."""
-    g = Graph("wan22_a14b_lora_moe_comparison_sheet", info)
+    g = Graph("wan22_a14b_lora_moe_comparison_sheet", info, MODEL_URLS)
     g.note(FILES_NOTE, (-500, 0), (460, 500), "Model files")
     g.note(SHEET_NOTE, (-500, 540), (460, 330), "Comparison sheet")
     n = shared_inputs(g)
@@ -579,22 +406,13 @@ def image_inputs(g: Graph, unets: list[tuple[str, str]], vae: str, x: int = 0, y
     n["vae"] = g.add("VAELoader", (x, y1 + 160), (330, 58), None, {"vae_name": vae})
     n["image"] = g.add("LoadImage", (x, y1 + 270), (330, 330), "Start frame (copy it to ComfyUI/input/)",
                        {"image": START_FRAME})
-    n["prompt"] = g.add("PrimitiveStringMultiline", (x + 370, y), (420, 160), "Prompt (shared)",
-                        {"value": PROMPT}, color=GREEN)
-    n["pos"] = g.add("CLIPTextEncode", (x + 370, y + 200), (420, 80), "CLIP Text Encode (Positive Prompt)",
-                     {"text": ""}, color=GREEN)
-    n["neg"] = g.add("CLIPTextEncode", (x + 370, y + 320), (420, 150), "CLIP Text Encode (Negative Prompt)",
-                     {"text": NEGATIVE}, color=PURPLE)
-    g.connect(n["prompt"], 0, n["pos"], "text")
-    g.connect(n["clip"], 0, n["pos"], "clip")
-    g.connect(n["clip"], 0, n["neg"], "clip")
-    return n
+    return prompt_nodes(g, n, x + 370, y)
 
 
 def build_i2v(info: dict) -> dict:
     """WAN 2.2 I2V A14B: as the T2V A14B workflow, with WanImageToVideo (start frame -> both conditionings and
     the latent) in place of the empty latent, 'auto' adapter sets, the split at t = 0.9."""
-    g = Graph("wan22_i2v_a14b_lora_moe", info)
+    g = Graph("wan22_i2v_a14b_lora_moe", info, MODEL_URLS)
     g.note(I2V_FILES_NOTE, (-500, 0), (460, 560), "Model files")
     g.note(I2V_ROUTING_NOTE, (-500, 600), (460, 330), "Start frame and routing")
     n = image_inputs(g, [("high", UNET_I2V_HIGH), ("low", UNET_I2V_LOW)], VAE)
@@ -612,20 +430,8 @@ def build_i2v(info: dict) -> dict:
     b_high = band(g, lo_high, 1210, y_high, "Timestep Band (high noise)")
     b_low = band(g, lo_low, 1210, y_low, "Timestep Band (low noise)")
     ms_high, ms_low = model_sampling(g, b_high, b_low, 1670, y_high, y_low)
-    ks_high = g.add("KSamplerAdvanced", (1970, y_high), (300, 330), f"KSampler high noise (steps 0-{I2V_SPLIT - 1})",
-                    {"add_noise": "enable", "noise_seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
-                     "scheduler": "simple", "start_at_step": 0, "end_at_step": I2V_SPLIT,
-                     "return_with_leftover_noise": "enable"})
-    ks_low = g.add("KSamplerAdvanced", (1970, y_low), (300, 330), f"KSampler low noise (steps {I2V_SPLIT}-{STEPS - 1})",
-                   {"add_noise": "disable", "noise_seed": 0, "steps": STEPS, "cfg": CFG, "sampler_name": "euler",
-                    "scheduler": "simple", "start_at_step": I2V_SPLIT, "end_at_step": 10000,
-                    "return_with_leftover_noise": "disable"})
-    for ks, ms in ((ks_high, ms_high), (ks_low, ms_low)):
-        g.connect(ms, 0, ks, "model")
-        g.connect(cond, "positive", ks, "positive")
-        g.connect(cond, "negative", ks, "negative")
-    g.connect(cond, "latent", ks_high, "latent_image")
-    g.connect(ks_high, 0, ks_low, "latent_image")
+    ks_low, _ = sampler_pair(g, n, ms_high, ms_low, 1970, y_high, y_low, split=I2V_SPLIT,
+                             cond=(cond, "positive", "negative"), latent=(cond, "latent"))
     dec = decode(g, n, ks_low, 2310, y_high)
     save_video(g, dec, 2310, y_high + 90, "video/wan_lora_moe_i2v")
     g.group("LoRA-MoE on both DiTs", [lo_high, lo_low, b_high, b_low])
@@ -635,7 +441,7 @@ def build_i2v(info: dict) -> dict:
 def build_ti2v(info: dict) -> dict:
     """WAN 2.2 TI2V 5B: one DiT, Wan22ImageToVideoLatent (start frame in latent frame 0 + noise mask), one
     KSampler, the WAN 2.2 VAE, 24 fps."""
-    g = Graph("wan22_ti2v_5b_lora_moe", info)
+    g = Graph("wan22_ti2v_5b_lora_moe", info, MODEL_URLS)
     g.note(TI2V_FILES_NOTE, (-500, 0), (460, 560), "Model files")
     g.note(TI2V_ROUTING_NOTE, (-500, 600), (460, 330), "Start frame and routing")
     n = image_inputs(g, [("5b", UNET_TI2V)], VAE_22)

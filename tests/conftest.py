@@ -40,6 +40,16 @@ def pytest_report_header(config):
             f"({torch.get_num_threads()} threads)")
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the tiny models' ops are too small to gain from more, and the
+    training tests' timings stay steady on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def comfyui_root() -> Path:
     return COMFYUI_ROOT

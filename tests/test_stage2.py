@@ -37,12 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 NAMES = list(DEFAULT_EXPERT_NAMES)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ import comfy.sd
 import comfy.utils
 
 import moe_fixtures as mf
-import train_fixtures as tf
 import wan_fixtures
 from moe_core.band import ALWAYS_ON, TimestepBand
 from moe_core.checkpoint import load_lora_moe
@@ -42,12 +41,7 @@ NAMES = list(DEFAULT_EXPERT_NAMES)
 QUIET = lambda *_: None  # noqa: E731
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def _write_dit(path: Path, family: str, seed: int) -> Path:

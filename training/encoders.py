@@ -187,7 +187,8 @@ def precheck_encoders(data_cfg, dit_path: str | os.PathLike | None = None, video
     """
     from moe_core.families import ModelFamilyError, family_from_dims
     from .data.cache import vae_family_problem
-    from .model_files import HeaderError, is_safetensors, read_header, umt5_problem, wan_dit_layout, wan_vae_problem
+    from .model_files import (HeaderError, is_safetensors, read_header, umt5_problem, wan_dit_layout,
+                              wan_vae_channels, wan_vae_problem)
 
     dit = None
     if dit_path is not None and is_safetensors(dit_path):
@@ -203,8 +204,6 @@ def precheck_encoders(data_cfg, dit_path: str | os.PathLike | None = None, video
             pass  # precheck_dit reports it
 
     def vae_problem(header):
-        from .model_files import wan_vae_channels
-
         if family == "auto":  # no DiT header to tell: the trainer checks the latents against the loaded DiT
             return wan_vae_problem(header, None)
         return wan_vae_problem(header, None) or vae_family_problem(wan_vae_channels(header.shapes), None, family)

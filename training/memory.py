@@ -53,11 +53,12 @@ class DiTFileInfo:
         channels: ``t2v`` (16/16), ``i2v`` (36/16) or ``ti2v`` (48/48, the 5B model: dim 3072, 30 blocks)."""
         from moe_core.families import family_from_dims
 
-        patch = next((s for k, (_, s) in self.tensors.items() if k.endswith("patch_embedding.weight")), None)
-        head = next((s for k, (_, s) in self.tensors.items() if k.endswith("head.head.weight")), None)
-        if patch is None:
+        from .model_files import wan_dit_layout
+
+        layout = wan_dit_layout({k: shape for k, (_, shape) in self.tensors.items()})
+        if layout is None or not layout.in_channels:
             return "t2v"
-        return family_from_dims(patch[1], None if head is None else head[0] // 4, str(self.path)).name
+        return family_from_dims(layout.in_channels, layout.out_channels, str(self.path)).name
 
     def _sizes(self, weight_dtype: str, cuda: bool):
         """(key, elements, bytes per element in the file, bytes per element once loaded) per tensor."""

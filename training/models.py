@@ -35,6 +35,7 @@ from moe_core.checkpoint import A14B_BOUNDARY
 from moe_core.families import ModelFamily, ModelFamilyError, family_of_model
 
 from .adapters import AdapterBank, block_of
+from .moe_losses import predicted_clean
 from .objective import noisy_input
 
 log = logging.getLogger("training.models")
@@ -213,7 +214,7 @@ class FlowSample:
 
     def clean_estimate(self, velocity: torch.Tensor) -> torch.Tensor:
         """x0 from a velocity, with the kept start frame as the sampler returns it (the clean start latent)."""
-        x0_hat = self.x_t.float() - self.t.float().reshape(-1, *([1] * (self.x_t.ndim - 1))) * velocity.float()
+        x0_hat = predicted_clean(self.x_t, velocity, self.t)
         if self.denoise_mask is None:
             return x0_hat
         return x0_hat * self.denoise_mask + self.x0.float() * (1.0 - self.denoise_mask)

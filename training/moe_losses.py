@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .objective import per_sample_loss
+
 
 def flow_terms(pred: torch.Tensor, target: torch.Tensor, roi: torch.Tensor | None,
                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,11 +23,7 @@ def flow_terms(pred: torch.Tensor, target: torch.Tensor, roi: torch.Tensor | Non
     (a TI2V sample's denoise mask, 0 on the start frame the sampler keeps clean) leaves those frames out of both.
     """
     err = (pred.float() - target.float()) ** 2
-    if keep is None:
-        plain = err.flatten(1).mean(1)
-    else:
-        k = keep.float().expand_as(err)
-        plain = (k * err).flatten(1).sum(1) / k.flatten(1).sum(1).clamp_min(1e-12)
+    plain = per_sample_loss(pred, target, keep)
     if roi is None:
         return plain, torch.zeros_like(plain)
     w = roi.float().unsqueeze(1).expand_as(err)

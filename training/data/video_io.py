@@ -318,8 +318,8 @@ class ExtractionConfig:
         family: the ``moe_core.families`` model the latents are for (``t2v``, ``i2v``, ``ti2v``): it sets the
             defaults above and what each window stores (``i2v``: also the start-image latent).
 
-    ``max_frames`` / ``target_fps`` / ``bucket_step`` hold the resolved values after construction; to change
-    the family of an existing config use :meth:`with_family` (it re-derives the values that were defaults).
+    ``max_frames`` / ``target_fps`` / ``bucket_step`` hold the resolved values after construction (so a config
+    for another family is built anew, not copied with ``dataclasses.replace``).
     """
 
     mode: ExtractionMode = "head"
@@ -331,17 +331,12 @@ class ExtractionConfig:
     target_area: int = 480 * 832
     bucket_step: int = 16
     family: str = "t2v"
-    #: names of the fields that were left to the family (None/0 at construction)
-    defaulted: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         fam = _family(self.family)
-        given = {"max_frames": self.max_frames, "target_fps": self.target_fps}
-        defaulted = tuple(k for k, v in given.items() if not v)
-        object.__setattr__(self, "defaulted", defaulted)
-        if "max_frames" in defaulted:
+        if not self.max_frames:
             object.__setattr__(self, "max_frames", fam.frames)
-        if "target_fps" in defaulted:
+        if not self.target_fps:
             object.__setattr__(self, "target_fps", float(fam.fps))
         if self.mode not in ("head", "uniform", "sliding"):
             raise ValueError(f"extraction mode must be head, uniform or sliding, not {self.mode!r}")
@@ -364,13 +359,6 @@ class ExtractionConfig:
     def latent_cell(self) -> int:
         """Pixels per DiT token side: the family's VAE compression times the 2x2 patch (16; ``ti2v`` 32)."""
         return 2 * _family(self.family).spatial_compression
-
-    def with_family(self, family: str) -> "ExtractionConfig":
-        """This config for another model family: values that were defaults follow the new family."""
-        values = {f: getattr(self, f) for f in ("mode", "max_frames", "min_frames", "num_windows", "stride",
-                                                "target_fps", "target_area", "bucket_step")}
-        values.update({name: None for name in self.defaulted})
-        return ExtractionConfig(**values, family=family)
 
     def settings(self) -> dict:
         """Plain dict of every field (what cache keys hash).
