@@ -111,13 +111,34 @@ def gates_vs_steps(routing: Routing | None, expert_names: Sequence[str], band: T
 
 # ------------------------------------------------------------------------------------------- picture
 
-def _font(size: int):
+#: Fonts with Chinese glyphs, tried for text that needs them (the prompts are Chinese; Pillow's own font is
+#: Latin only and draws boxes): Debian/Ubuntu (fonts-wqy-zenhei, fonts-noto-cjk), Windows, macOS.
+CJK_FONTS = ("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc", "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+             "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc", "C:/Windows/Fonts/msyh.ttc",
+             "/System/Library/Fonts/PingFang.ttc")
+
+
+def default_font(size: int):
+    """Pillow's own font at `size` (Latin only)."""
     from PIL import ImageFont
 
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
         return ImageFont.load_default()
+
+
+def font_for(text: str, size: int):
+    """Pillow's default font, or for text with CJK characters the first installed CJK font (else the default)."""
+    if any(ord(c) >= 0x2E80 for c in text):
+        from PIL import ImageFont
+
+        for path in CJK_FONTS:
+            try:
+                return ImageFont.truetype(path, size)
+            except OSError:
+                continue
+    return default_font(size)
 
 
 def render_schedule(routing: Routing | None, expert_names: Sequence[str], band: TimestepBand, *, steps: int = 20,
@@ -135,7 +156,7 @@ def render_schedule(routing: Routing | None, expert_names: Sequence[str], band: 
     width, height = size
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    font, small = _font(15), _font(12)
+    small = default_font(12)
     names = list(expert_names)
     sigmas = flow_sigmas(steps, shift)
     step_gates = gates_vs_steps(routing, names, band, sigmas, ema_beta, router, max_gate=max_gate,
@@ -145,7 +166,8 @@ def render_schedule(routing: Routing | None, expert_names: Sequence[str], band: 
 
     top, bottom = 48, height - 92
     panels = [(56, width // 2 - 16), (width // 2 + 40, width - 20)]
-    draw.text((12, 10), title or "LoRA-MoE gate schedule", fill=(20, 20, 20), font=font)
+    title = title or "LoRA-MoE gate schedule"
+    draw.text((12, 10), title, fill=(20, 20, 20), font=font_for(title, 15))
 
     def frame(x0: int, x1: int, label: str, xlabel: str) -> None:
         draw.rectangle([x0, top, x1, bottom], outline=(120, 120, 120))

@@ -151,3 +151,21 @@ def test_invalid_bands(levels, msg):
 def test_invalid_three_level_band():
     with pytest.raises(BandError, match="start <= mid <= end"):
         three_level_band(start=0.7, mid=0.5)
+
+
+def test_pictures_draw_chinese_prompts_with_a_cjk_font():
+    """Titles carry the (Chinese) prompt: Pillow's own font draws every CJK character as the same box, the
+    font the pictures pick draws distinct glyphs (scripts/install_browser.sh installs fonts-wqy-zenhei)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from moe_core.schedule import default_font, font_for
+
+    def ink(ch: str, font) -> np.ndarray:
+        im = Image.new("L", (40, 30), 0)
+        ImageDraw.Draw(im).text((2, 2), ch, fill=255, font=font)
+        return np.asarray(im)
+
+    assert np.array_equal(ink("剪", default_font(20)), ink("刀", default_font(20))), "the default font has no CJK"
+    assert not np.array_equal(ink("剪", font_for("剪", 20)), ink("刀", font_for("刀", 20)))
+    assert font_for("Scissors", 20).getname() == default_font(20).getname()  # Latin text keeps the default

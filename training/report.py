@@ -16,7 +16,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from moe_core.atomic import atomic_write_text
-from moe_core.schedule import EXPERT_COLOURS
+from moe_core.schedule import EXPERT_COLOURS, default_font, font_for
 
 # ------------------------------------------------------------------------------------------- videos
 
@@ -32,15 +32,6 @@ def read_video(path: str | Path) -> tuple[float, np.ndarray]:
     if not frames:
         raise ValueError(f"{path}: no frames decoded")
     return float(meta["fps"]), np.stack(frames)
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
 
 
 def contact_sheet(rows: Sequence[tuple[str, np.ndarray]], path: str | Path, max_frames: int = 9,
@@ -62,7 +53,7 @@ def contact_sheet(rows: Sequence[tuple[str, np.ndarray]], path: str | Path, max_
     height = head + len(rows) * (th + gap) + gap
     sheet = Image.new("RGB", (width, height), (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
-    font, small = _font(14), _font(11)
+    font, small = default_font(14), default_font(11)
     picks = {}
     for r, (label, frames) in enumerate(rows):
         n = len(frames)
@@ -89,8 +80,8 @@ def expert_usage_picture(rows: Sequence[tuple[str, Sequence[float]]], expert_nam
     height = top + len(rows) * row_h + 70
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    font, small = _font(14), _font(12)
-    draw.text((10, 10), title, fill=(20, 20, 20), font=font)
+    small = default_font(12)
+    draw.text((10, 10), title, fill=(20, 20, 20), font=font_for(title, 14))
     x0 = label_w
     for v in (0.0, 0.5, 1.0):
         x = x0 + v * bar_w

@@ -11,7 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..report import _font, contact_sheet
+from moe_core.schedule import default_font
+
+from ..report import contact_sheet
 
 
 def xt_slice(frames: np.ndarray, row_fraction: float) -> np.ndarray:
@@ -39,7 +41,7 @@ def xt_slices_picture(rows: Sequence[tuple[str, np.ndarray]], row_fraction: floa
     height = head + grid_rows * (label_h + th + gap) + gap
     img = Image.new("RGB", (max(width, 360), height), (250, 250, 250))
     draw = ImageDraw.Draw(img)
-    font, small = _font(14), _font(11)
+    font, small = default_font(14), default_font(11)
     draw.text((gap, 8), title, fill=(20, 20, 20), font=font)
     for i, (label, sl) in enumerate(slices):
         r, c = divmod(i, cols)
